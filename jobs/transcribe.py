@@ -1,0 +1,55 @@
+"""transcribe: the corpus transcription job's command line (mirrors ``pipeline.engine.run_job``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import DEFAULT_MODEL, ConfigError, load_config
+from pipeline.engine import JobError, run_job
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="transcribe",
+        description="Transcribe an audio corpus with a wav2vec2 CTC model on Ray; write Parquet shards.",
+    )
+    ap.add_argument("--input", help="manifest (.csv/.jsonl/.parquet), audio folder, HF dataset folder, "
+                    "hf:NAME, or @sample (the bundled clips); overrides input.path")
+    ap.add_argument("--output", help="output folder for Parquet shards and _summary.json; overrides output.path")
+    ap.add_argument("--model", help=f"hub id or local folder of a CTC checkpoint (default {DEFAULT_MODEL}); "
+                    "overrides model.name")
+    ap.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config key, e.g. --set inference.max_replicas=2 (repeatable)")
+    ap.add_argument("--address", help="Ray cluster address to join (default: start Ray in this process)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(
+            args.config, args.overrides,
+            **{"input.path": args.input, "output.path": args.output, "model.name": args.model,
+               "ray.address": args.address, "ray.progress_bars": False if args.quiet else None},
+        )
+        summary = run_job(cfg)
+    except (ConfigError, JobError) as exc:
+        print(f"transcribe: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    keys = ("rows_in", "rows_out", "transcribed", "errors", "errors_by_kind", "audio_hours", "wall_s",
+            "audio_s_per_s", "padding_waste")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

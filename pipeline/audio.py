@@ -1,0 +1,111 @@
+"""Decode one audio file into the waveform a wav2vec2 model expects. Pure: no Ray, no torch.
+
+soundfile (libsndfile) decodes, channels are averaged to mono, soxr resamples, and the
+utterance is normalised on its own, exactly as ``Wav2Vec2FeatureExtractor(do_normalize=True)``
+does for one unpadded input, so padding added later never leaks into the statistics.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from pipeline.schema import ErrorKind
+
+
+class AudioError(Exception):
+    """A row-level failure: ``kind`` is one of :class:`pipeline.schema.ErrorKind`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded utterance and what the source file said about itself."""
+
+    audio: np.ndarray  # float32, mono, at the target rate, normalised when asked
+    sample_rate: int  # of the source
+    num_channels: int  # of the source
+    duration_s: float  # of the source
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    sample_rate: int
+    num_channels: int
+    frames: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def normalize(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance, float32: ``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``."""
+    audio = np.asarray(audio, dtype=np.float32)
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+
+
+def _open(path: str, data: bytes | None) -> sf.SoundFile:
+    if data is not None:
+        source: object = io.BytesIO(data)
+    else:
+        if not os.path.exists(path):
+            kind = "dangling symlink" if os.path.islink(path) else "no such file"
+            raise AudioError(ErrorKind.NOT_FOUND, f"{path}: {kind}")
+        if os.path.isdir(path):
+            raise AudioError(ErrorKind.UNREADABLE, f"{path}: is a directory, not an audio file")
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - SoundFile owns it and closes it
+        except OSError as exc:
+            kind = ErrorKind.NOT_FOUND if exc.errno == errno.ENOENT else ErrorKind.UNREADABLE
+            raise AudioError(kind, f"{path}: {exc.strerror}") from None
+    try:
+        return sf.SoundFile(source)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: libsndfile cannot decode it ({exc})") from None
+
+
+def decode(
+    path: str,
+    data: bytes | None = None,
+    *,
+    target_rate: int = 16_000,
+    do_normalize: bool = True,
+    max_duration_s: float = float("inf"),
+) -> Decoded:
+    """Decode ``data`` (if given) or the file at ``path``; raise :class:`AudioError` for a bad row.
+
+    ``path`` names the row in error messages even when the bytes come from ``data``.
+    """
+    with _open(path, data) as f:
+        info = SourceInfo(f.samplerate, f.channels, f.frames)
+        # The header's length is checked before any sample is read: a corrupt header can claim
+        # billions of frames, and reading it blindly would try to allocate all of them.
+        if info.duration_s > max_duration_s:
+            raise AudioError(
+                ErrorKind.TOO_LONG,
+                f"{path}: {info.duration_s:.1f} s is longer than audio.max_duration_s = {max_duration_s:g}",
+            )
+        try:
+            frames = f.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: decoding failed ({exc})") from None
+    if frames.shape[0] == 0:
+        raise AudioError(ErrorKind.EMPTY, f"{path}: holds no samples")
+    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(ErrorKind.NON_FINITE, f"{path}: holds NaN or infinite samples")
+    if info.sample_rate != target_rate:
+        mono = soxr.resample(mono, info.sample_rate, target_rate, quality="HQ")
+    audio = normalize(mono) if do_normalize else np.ascontiguousarray(mono, dtype=np.float32)
+    duration = frames.shape[0] / info.sample_rate
+    return Decoded(audio=audio, sample_rate=info.sample_rate, num_channels=info.num_channels, duration_s=duration)

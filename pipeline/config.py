@@ -1,0 +1,160 @@
+"""Typed job configuration: values-only YAML plus ``KEY=VALUE`` overrides, validated once.
+
+Every error names the key, the bad value and what is allowed, e.g.
+``inference.max_replicas = 0: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "facebook/wav2vec2-base-960h"
+BUNDLED_SAMPLE = "@sample"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    path: str | None = Field(None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, or @sample")
+    format: Literal["auto", "csv", "jsonl", "parquet", "folder", "hf"] = "auto"
+    hf_split: str | None = None
+    hf_config: str | None = None
+    audio_column: str = "audio"
+
+
+class OutputConfig(_Section):
+    path: str | None = None
+    overwrite: bool = False
+    rows_per_shard: int = Field(10_000, ge=1)
+
+
+class ModelConfig(_Section):
+    name: str = DEFAULT_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class AudioConfig(_Section):
+    max_duration_s: float = Field(120.0, gt=0)
+
+
+class DecodeConfig(_Section):
+    rows_per_task: int = Field(16, ge=1)
+    cpus_per_task: float = Field(1.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+
+class InferenceConfig(_Section):
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    rows_per_call: int = Field(64, ge=1)
+    max_batch_samples: int = Field(1_600_000, ge=16_000)
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> InferenceConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"inference.max_replicas = {self.max_replicas}: must be >= inference.min_replicas "
+                f"({self.min_replicas})"
+            )
+        if self.device == "cuda" and self.gpus_per_replica == 0:
+            raise ValueError(
+                "inference.device = cuda: needs inference.gpus_per_replica > 0 so Ray gives each "
+                "replica a GPU"
+            )
+        return self
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    progress_bars: bool = True
+
+
+class JobConfig(_Section):
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
+    model: ModelConfig = ModelConfig()
+    audio: AudioConfig = AudioConfig()
+    decode: DecodeConfig = DecodeConfig()
+    inference: InferenceConfig = InferenceConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def threads_per_replica(self) -> int:
+        return self.inference.torch_threads or max(1, int(self.inference.cpus_per_replica))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (check the spelling; see configs/demo.yaml for all keys)")
+        elif not key or msg.startswith(key):
+            lines.append(msg)
+        else:
+            lines.append(f"{key} = {e['input']!r}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _set_key(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; the value is read as YAML (``2`` is an int, ``null`` is None)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. inference.max_replicas=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> JobConfig:
+    """Load YAML ``path``, apply ``--set`` ``overrides`` then dotted ``values``; validate once."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides or []:
+        _set_key(tree, *parse_override(item))
+    for key, value in values.items():
+        if value is not None:
+            _set_key(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None

@@ -1,0 +1,219 @@
+"""The one module that knows Ray: maps the pure stages onto Ray Data and runs the job.
+
+Every ``map_batches`` argument lives here, so Ray API churn touches this file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+import torch
+import transformers
+
+import pipeline
+from pipeline import schema as S
+from pipeline.config import JobConfig
+from pipeline.manifest import ManifestError, read_manifest
+from pipeline.model import FrontEnd, ModelSpec, load_front_end
+from pipeline.stages import DecodeStage, TranscribeStage
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_summary.json"
+
+
+class JobError(RuntimeError):
+    """A systemic failure: the job cannot run or its output breaks an invariant."""
+
+
+@dataclass
+class Plan:
+    """Everything settled on the driver before Ray does any work."""
+
+    cfg: JobConfig
+    manifest: pa.Table
+    front_end: FrontEnd
+    spec: ModelSpec
+    output: Path
+
+
+def plan(cfg: JobConfig) -> Plan:
+    """Check the output, read the manifest and the model's front end; raise before any work."""
+    if not cfg.output.path:
+        raise JobError("output.path is not set: pass --output OUT_DIR")
+    output = Path(cfg.output.path)
+    _prepare_output(output, cfg.output.overwrite)
+    try:
+        manifest = read_manifest(cfg.input)
+    except ManifestError as exc:
+        raise JobError(str(exc)) from None
+    spec = ModelSpec(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+    try:
+        front_end = load_front_end(spec)
+    except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean "cannot load"
+        raise JobError(f"model.name = {spec.name!r}: cannot load its feature extractor ({exc})") from None
+    return Plan(cfg, manifest, front_end, spec, output)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise JobError(f"--output {output}: exists and is not a folder")
+    ours = [*output.glob("*.parquet"), output / SUMMARY_FILE] if output.is_dir() else []
+    ours = [p for p in ours if p.exists()]
+    if ours and not overwrite:
+        raise JobError(
+            f"--output {output}: already holds results ({ours[0].name}); choose another folder "
+            "or --set output.overwrite=true to replace them"
+        )
+    for p in ours:
+        p.unlink()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / "_write_check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise JobError(f"--output {output}: not writable ({exc.strerror})") from None
+
+
+def metadata(p: Plan) -> dict[str, Any]:
+    """What the Parquet files and the summary record about how they were made."""
+    return {
+        "model": p.spec.name,
+        "model_revision": p.spec.revision,
+        "corpus_transcribe": pipeline.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def _init_ray(cfg: JobConfig) -> bool:
+    """Join ``ray.address`` or start Ray in-process; return whether this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.ray.address:
+        # Ship this package to the cluster's workers, which may not have it installed.
+        kwargs["runtime_env"] = {"py_modules": [str(Path(pipeline.__file__).parent)]}
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    return True
+
+
+def build_dataset(p: Plan) -> ray.data.Dataset:
+    """Manifest → decode tasks → inference actor pool, as one lazy Ray Dataset."""
+    cfg = p.cfg
+    rows = cfg.decode.rows_per_task
+    blocks = [p.manifest.slice(i, rows) for i in range(0, max(p.manifest.num_rows, 1), rows)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        DecodeStage(p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s),
+        batch_format="pyarrow",
+        batch_size=rows,
+        num_cpus=cfg.decode.cpus_per_task,
+        max_retries=cfg.decode.max_retries,
+        udf_modifying_row_count=False,
+    )
+    inf = cfg.inference
+    return ds.map_batches(
+        TranscribeStage,
+        fn_constructor_kwargs={
+            "spec": p.spec,
+            "max_batch_samples": inf.max_batch_samples,
+            "device": inf.device,
+            "threads": cfg.threads_per_replica,
+            "metadata": metadata(p),
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
+        batch_format="pyarrow",
+        batch_size=inf.rows_per_call,
+        num_cpus=inf.cpus_per_replica,
+        num_gpus=inf.gpus_per_replica,
+        udf_modifying_row_count=False,
+    )
+
+
+def run_job(cfg: JobConfig) -> dict[str, Any]:
+    """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``."""
+    started = time.perf_counter()
+    p = plan(cfg)
+    log.info("%d rows from %s; model %s", p.manifest.num_rows, cfg.input.path, p.spec.name)
+    own_ray = _init_ray(cfg)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        if p.manifest.num_rows:
+            try:
+                build_dataset(p).write_parquet(
+                    str(p.output),
+                    min_rows_per_file=cfg.output.rows_per_shard,
+                    max_rows_per_file=cfg.output.rows_per_shard,
+                )
+            except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
+                raise JobError(f"the job failed: {_root_cause(exc)}") from exc
+    finally:
+        if own_ray:
+            ray.shutdown()
+    summary = summarize(p, time.perf_counter() - started)
+    (p.output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["lost"] or summary["duplicated"]:
+        raise JobError(
+            f"output breaks the one-row-per-input invariant: {summary['lost']} ids lost, "
+            f"{summary['duplicated']} duplicated (see {p.output / SUMMARY_FILE})"
+        )
+    return summary
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"
+
+
+def read_output(output: Path | str, columns: list[str] | None = None) -> pa.Table:
+    """The job's result as one table: every shard, none of the ``_``-prefixed side files."""
+    files = sorted(str(f) for f in Path(output).glob("*.parquet"))
+    if not files:
+        return S.OUTPUT_SCHEMA.empty_table().select(columns or S.OUTPUT_SCHEMA.names)
+    return pads.dataset(files, format="parquet").to_table(columns=columns)
+
+
+def summarize(p: Plan, wall_s: float) -> dict[str, Any]:
+    """Counts and rates computed from the shards actually written, checked against the input."""
+    out = read_output(p.output, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES])
+    ids_in = p.manifest[S.ID]
+    lost = int(pc.sum(pc.invert(pc.is_in(ids_in, value_set=out[S.ID].combine_chunks()))).as_py() or 0)
+    duplicated = out.num_rows - len(pc.unique(out[S.ID]))
+    kinds = pc.value_counts(out[S.ERROR_KIND].drop_null().combine_chunks()).to_pylist()
+    ok = pc.is_null(out[S.ERROR_KIND])
+    audio_s = float(pc.sum(out[S.DURATION_S]).as_py() or 0.0)
+    real = int(pc.sum(pc.filter(out[S.NUM_SAMPLES], ok)).as_py() or 0)
+    padded = int(pc.sum(pc.filter(out[S.PADDED_SAMPLES], ok)).as_py() or 0)
+    return {
+        "rows_in": p.manifest.num_rows,
+        "rows_out": out.num_rows,
+        "transcribed": int(pc.sum(ok).as_py() or 0),
+        "errors": out.num_rows - int(pc.sum(ok).as_py() or 0),
+        "errors_by_kind": {k["values"]: k["counts"] for k in kinds},
+        "lost": lost,
+        "duplicated": duplicated,
+        "audio_hours": audio_s / 3600,
+        "wall_s": wall_s,
+        "audio_s_per_s": audio_s / wall_s if wall_s > 0 else math.nan,
+        "padding_waste": (padded - real) / real if real else 0.0,
+        "shards": len(list(p.output.glob("*.parquet"))),
+        **metadata(p),
+        "config": p.cfg.model_dump(),
+    }

@@ -1,0 +1,236 @@
+"""Read any supported input into one normalised manifest table. Pure: no Ray.
+
+Every input becomes a table with the columns ``id`` (unique string), ``path`` (string),
+``audio_bytes`` (binary, set only for Hugging Face datasets that embed audio) and ``reference``
+(string or null). The manifest is read on the driver, not by Ray Data readers: the job needs
+global row numbers for its error messages and a whole-manifest duplicate-id check before any
+work starts, and a manifest (paths and texts, not audio) fits in memory even for 10^7 rows.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from pipeline import schema as S
+from pipeline.config import BUNDLED_SAMPLE, InputConfig
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field(S.ID, pa.string(), nullable=False),
+        pa.field(S.PATH, pa.string()),
+        pa.field(S.AUDIO_BYTES, pa.binary()),
+        pa.field(S.REFERENCE, pa.string()),
+    ]
+)
+
+# What libsndfile reads, by extension; matched case-insensitively when listing a folder.
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64"}
+    | {"." + fmt.lower() for fmt in sf.available_formats()}
+)
+HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+HF_PREFIX = "hf:"
+
+
+class ManifestError(ValueError):
+    """The input cannot be turned into a manifest; the message says where and why."""
+
+
+def bundled_sample() -> Path:
+    """The manifest of the sample clips shipped inside the package."""
+    return Path(str(resources.files("pipeline") / "sample" / "manifest.csv"))
+
+
+def detect_format(path: str) -> str:
+    """Guess the input kind from its name or folder contents (``input.format = auto``)."""
+    if path.startswith(HF_PREFIX):
+        return "hf"
+    p = Path(path)
+    if p.is_dir():
+        return "hf" if any((p / m).exists() for m in HF_DISK_MARKERS) else "folder"
+    suffixes = [s.lower() for s in p.suffixes]
+    if ".csv" in suffixes or ".tsv" in suffixes:
+        return "csv"
+    if {".jsonl", ".json", ".ndjson"} & set(suffixes):
+        return "jsonl"
+    if {".parquet", ".pq"} & set(suffixes):
+        return "parquet"
+    if not p.exists():
+        raise ManifestError(f"--input {path}: no such file or folder")
+    raise ManifestError(
+        f"--input {path}: cannot tell the format from the name; name it .csv, .jsonl or .parquet, "
+        "or set input.format"
+    )
+
+
+def read_manifest(cfg: InputConfig) -> pa.Table:
+    """Read ``cfg.path`` into the normalised manifest table; raise :class:`ManifestError`."""
+    if not cfg.path:
+        raise ManifestError("input.path is not set: pass --input MANIFEST_OR_FOLDER")
+    path = str(bundled_sample()) if cfg.path == BUNDLED_SAMPLE else cfg.path
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if fmt == "folder":
+        table = _list_folder(Path(path))
+    elif fmt == "hf":
+        table = _read_hf(path, cfg)
+    else:
+        table = _normalize(_read_table(path, fmt), source=path, where=_where(path, fmt))
+    check_unique_ids(table)
+    return table
+
+
+def _where(path: str, fmt: str):
+    """Name row ``i`` the way a user finds it in the file."""
+    first = {"csv": 2, "jsonl": 1}.get(fmt)  # CSV has a header line
+    if first is None:
+        return lambda i: f"{path} row {i}"
+    return lambda i: f"{path} line {i + first}"
+
+
+def _read_table(path: str, fmt: str) -> pa.Table:
+    try:
+        if fmt == "csv":
+            # Keep ids and paths as written: type inference would turn id "007" into 7.
+            text_cols = (S.ID, *S.PATH_ALIASES, *S.REFERENCE_ALIASES)
+            convert = pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in text_cols}, strings_can_be_null=True
+            )
+            parse = pacsv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        if fmt == "jsonl":
+            return pajson.read_json(path)
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise ManifestError(f"--input {path}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"--input {path}: cannot read it as {fmt} ({exc})") from None
+
+
+def _pick(table: pa.Table, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in table.column_names), None)
+
+
+def _as_strings(col: pa.ChunkedArray) -> list:
+    return col.cast(pa.string()).to_pylist()
+
+
+def _normalize(table: pa.Table, source: str, where) -> pa.Table:
+    """Map a manifest's columns onto MANIFEST_SCHEMA; relative paths resolve against its folder."""
+    base_dir = Path(source).parent
+    path_col = _pick(table, S.PATH_ALIASES)
+    if path_col is None:
+        raise ManifestError(
+            f"{source}: no audio path column; expected one of "
+            f"{', '.join(S.PATH_ALIASES)}, found {', '.join(table.column_names) or 'none'}"
+        )
+    raw_paths = _as_strings(table[path_col])
+    for i, p in enumerate(raw_paths):
+        if not p:
+            raise ManifestError(f"{where(i)}: the {path_col} column is empty")
+    paths = [p if os.path.isabs(p) or "://" in p else os.path.normpath(base_dir / p) for p in raw_paths]
+    if S.ID in table.column_names:
+        ids = _as_strings(table[S.ID])
+        for i, v in enumerate(ids):
+            if not v:
+                raise ManifestError(f"{where(i)}: the id column is empty")
+    else:
+        # Stable across runs and machines: the path as the manifest wrote it.
+        ids = [os.path.normpath(p) for p in raw_paths]
+    ref_col = _pick(table, S.REFERENCE_ALIASES)
+    refs = _as_strings(table[ref_col]) if ref_col else [None] * len(ids)
+    return pa.table(
+        {S.ID: ids, S.PATH: paths, S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()), S.REFERENCE: refs},
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def _list_folder(root: Path) -> pa.Table:
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()
+    )
+    if not files:
+        raise ManifestError(
+            f"--input {root}: no audio files below it (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
+        )
+    ids = [p.relative_to(root).as_posix() for p in files]
+    return pa.table(
+        {
+            S.ID: ids,
+            S.PATH: [str(p) for p in files],
+            S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()),
+            S.REFERENCE: pa.nulls(len(ids), pa.string()),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def _read_hf(path: str, cfg: InputConfig) -> pa.Table:
+    try:
+        import datasets
+    except ImportError:
+        raise ManifestError("reading a Hugging Face dataset needs `pip install datasets`") from None
+    if path.startswith(HF_PREFIX):
+        name = path[len(HF_PREFIX) :]
+        try:
+            ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+            raise ManifestError(f"--input {path}: cannot load the dataset ({exc})") from None
+    else:
+        ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.hf_split is None and len(ds) == 1:
+            ds = next(iter(ds.values()))
+        elif cfg.hf_split in ds:
+            ds = ds[cfg.hf_split]
+        else:
+            raise ManifestError(
+                f"input.hf_split = {cfg.hf_split!r}: {path} has the splits {', '.join(ds)}; pick one"
+            )
+    if cfg.audio_column not in ds.column_names:
+        raise ManifestError(
+            f"input.audio_column = {cfg.audio_column!r}: {path} has no such column "
+            f"(its columns: {', '.join(ds.column_names)})"
+        )
+    # datasets >= 4 decodes Audio with torchcodec; take the raw bytes and decode with soundfile
+    # like every other input.
+    ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
+    table = ds.with_format("arrow")[:]
+    audio = table[cfg.audio_column].combine_chunks()
+    names = pc.struct_field(audio, "path").to_pylist()
+    data = pc.struct_field(audio, "bytes")
+    if S.ID in table.column_names:
+        ids = _as_strings(table[S.ID])
+    elif all(names) and len(set(names)) == len(names):
+        ids = names
+    else:
+        width = len(str(len(names)))
+        ids = [f"{i:0{width}d}" for i in range(len(names))]
+    ref_col = _pick(table, S.REFERENCE_ALIASES)
+    return pa.table(
+        {
+            S.ID: ids,
+            S.PATH: [n or f"{path}#{i}" for i, n in enumerate(names)],
+            S.AUDIO_BYTES: data.cast(pa.binary()),
+            S.REFERENCE: _as_strings(table[ref_col]) if ref_col else pa.nulls(len(ids), pa.string()),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+
+
+def check_unique_ids(table: pa.Table) -> None:
+    """Raise :class:`ManifestError` naming the first duplicated ids, if any."""
+    counts = pc.value_counts(table[S.ID].combine_chunks())
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        shown = ", ".join(f"{v['values']!r} ({v['counts']}x)" for v in dup[:5].to_pylist())
+        more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
+        raise ManifestError(f"duplicate ids in the input: {shown}{more}; ids must be unique")

@@ -1,0 +1,147 @@
+"""The job's stages as callables on Arrow tables. Pure: no Ray (pipeline.engine maps them).
+
+A bad row never raises: it becomes an error row (``error_kind``, ``error``, ``error_stage``)
+and passes through the later stages untouched, so every input row reaches the output once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schema as S
+from pipeline.audio import AudioError, decode
+from pipeline.batching import plan_batches
+from pipeline.model import CTCTranscriber, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def _audio_column(waves: list[np.ndarray]) -> pa.LargeListArray:
+    """One Arrow list array over a single concatenated buffer (no per-row Python objects)."""
+    offsets = np.zeros(len(waves) + 1, dtype=np.int64)
+    np.cumsum([len(w) for w in waves], out=offsets[1:])
+    values = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))
+
+
+def _waves(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Zero-copy numpy views of each row of a ``large_list<float32>`` column."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=True)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
+
+
+class DecodeStage:
+    """Manifest rows → decoded, resampled, normalised audio (or error rows)."""
+
+    def __init__(self, target_rate: int, do_normalize: bool, max_duration_s: float):
+        self.target_rate = target_rate
+        self.do_normalize = do_normalize
+        self.max_duration_s = max_duration_s
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        cols = {name: [] for name in S.DECODED_SCHEMA.names}
+        rows = zip(
+            table[S.ID].to_pylist(), table[S.PATH].to_pylist(),
+            table[S.AUDIO_BYTES].to_pylist(), table[S.REFERENCE].to_pylist(),
+            strict=True,
+        )
+        for row_id, path, data, reference in rows:
+            cols[S.ID].append(row_id)
+            cols[S.PATH].append(path)
+            cols[S.REFERENCE].append(reference)
+            try:
+                d = decode(
+                    path, data, target_rate=self.target_rate,
+                    do_normalize=self.do_normalize, max_duration_s=self.max_duration_s,
+                )
+            except AudioError as exc:
+                kind, error, wave, info = exc.kind, f"{exc.kind}: {exc}", np.zeros(0, np.float32), (None,) * 3
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's, not the job's
+                kind, error = S.ErrorKind.DECODE_ERROR, f"decode_error: {path}: {type(exc).__name__}: {exc}"
+                wave, info = np.zeros(0, np.float32), (None,) * 3
+            else:
+                kind, error, wave, info = None, None, d.audio, (d.duration_s, d.sample_rate, d.num_channels)
+            cols[S.ERROR_KIND].append(kind)
+            cols[S.ERROR].append(error)
+            cols[S.ERROR_STAGE].append(S.STAGE_DECODE if kind else None)
+            cols[S.DURATION_S].append(info[0])
+            cols[S.SAMPLE_RATE].append(info[1])
+            cols[S.NUM_CHANNELS].append(info[2])
+            cols[S.NUM_SAMPLES].append(len(wave))
+            cols[S.AUDIO].append(wave)
+        cols[S.AUDIO] = _audio_column(cols[S.AUDIO])
+        return pa.table(cols, schema=S.DECODED_SCHEMA)
+
+
+class TranscribeStage:
+    """Decoded rows → output rows. Loads the model once; packs rows by length under a budget."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_batch_samples: int,
+        device: str = "auto",
+        threads: int | None = None,
+        metadata: dict | None = None,
+    ):
+        self.transcriber = CTCTranscriber(spec, device=device, threads=threads)
+        self.model_name = spec.name
+        self.max_batch_samples = max_batch_samples
+        self.schema = S.output_schema(metadata or {})
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        waves = _waves(table[S.AUDIO])
+        transcripts: list[str | None] = [None] * n
+        kinds = table[S.ERROR_KIND].to_pylist()
+        errors = table[S.ERROR].to_pylist()
+        stages = table[S.ERROR_STAGE].to_pylist()
+        padded = [0] * n
+
+        def fail(i: int, kind: str, message: str) -> None:
+            kinds[i], errors[i], stages[i] = kind, f"{kind}: {message}", S.STAGE_TRANSCRIBE
+
+        paths = table[S.PATH].to_pylist()
+        todo = []
+        for i in range(n):
+            if kinds[i] is not None:
+                continue
+            if len(waves[i]) < self.transcriber.min_samples:
+                fail(i, S.ErrorKind.TOO_SHORT, f"{paths[i]}: {len(waves[i])} samples after resampling, "
+                     f"the model needs at least {self.transcriber.min_samples}")
+            else:
+                todo.append(i)
+
+        for batch in plan_batches([len(waves[i]) for i in todo], self.max_batch_samples):
+            for i, text, padded_len in self._run([todo[b] for b in batch], waves, paths, fail):
+                transcripts[i], padded[i] = text, padded_len
+
+        out = {
+            S.ID: table[S.ID], S.PATH: table[S.PATH], S.TRANSCRIPT: transcripts,
+            S.ERROR_KIND: kinds, S.ERROR: errors, S.ERROR_STAGE: stages,
+            S.DURATION_S: table[S.DURATION_S], S.SAMPLE_RATE: table[S.SAMPLE_RATE],
+            S.NUM_CHANNELS: table[S.NUM_CHANNELS], S.REFERENCE: table[S.REFERENCE],
+            S.MODEL: [self.model_name] * n, S.NUM_SAMPLES: table[S.NUM_SAMPLES], S.PADDED_SAMPLES: padded,
+        }
+        return pa.table(out, schema=self.schema)
+
+    def _run(self, rows, waves, paths, fail):
+        """Yield ``(row, text, padded length)``; a failed batch is retried row by row, so a bad
+        row fails alone."""
+        try:
+            texts = self.transcriber.transcribe([waves[i] for i in rows])
+            padded_len = max(len(waves[i]) for i in rows)
+            yield from ((i, text, padded_len) for i, text in zip(rows, texts, strict=True))
+            return
+        except Exception as exc:  # noqa: BLE001 - narrowed below by retrying row by row
+            if len(rows) == 1:
+                fail(rows[0], S.ErrorKind.INFERENCE_ERROR, f"{paths[rows[0]]}: {type(exc).__name__}: {exc}")
+                return
+            log.warning("batch of %d rows failed (%s); retrying them one at a time", len(rows), exc)
+        for i in rows:
+            yield from self._run([i], waves, paths, fail)

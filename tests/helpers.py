@@ -1,0 +1,91 @@
+"""Small real models and audio for the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from transformers import (
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Processor,
+)
+
+# facebook/wav2vec2-base-960h's vocabulary, id for id.
+BASE_960H_VOCAB = {
+    "<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5, "T": 6, "A": 7, "O": 8, "N": 9,
+    "I": 10, "H": 11, "S": 12, "R": 13, "D": 14, "L": 15, "U": 16, "M": 17, "W": 18, "C": 19,
+    "F": 20, "G": 21, "Y": 22, "P": 23, "B": 24, "V": 25, "K": 26, "'": 27, "X": 28, "J": 29,
+    "Q": 30, "Z": 31,
+}
+
+
+def make_ctc_model(folder: Path, norm: str = "group", seed: int = 0) -> Path:
+    """Save a tiny random-weight Wav2Vec2ForCTC with base-960h's conv geometry and vocabulary.
+
+    ``norm="group"`` is wav2vec2-base-960h's kind (no attention mask); ``norm="layer"`` is the
+    large/lv60 kind, whose feature extractor returns an attention mask.
+    """
+    torch.manual_seed(seed)
+    layer = norm == "layer"
+    config = Wav2Vec2Config(
+        vocab_size=len(BASE_960H_VOCAB),
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, feat_extract_norm=norm, do_stable_layer_norm=layer,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        pad_token_id=0, ctc_loss_reduction="mean",
+    )
+    model = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():
+        # Spread the logits so greedy decoding is not a coin toss between near-equal classes.
+        model.lm_head.weight.mul_(8.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.json"
+    vocab.write_text(json.dumps(BASE_960H_VOCAB))
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True,
+        return_attention_mask=layer,
+    )
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_tone_clips(folder: Path, durations_s: list[float], rate: int = 16_000, seed: int = 0) -> list[Path]:
+    """Write FLAC clips of the given lengths: chirps plus noise, different per clip."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, dur in enumerate(durations_s):
+        t = np.arange(int(dur * rate)) / rate
+        f0 = rng.uniform(100, 400)
+        wave = 0.3 * np.sin(2 * np.pi * (f0 + 200 * t) * t) + 0.05 * rng.standard_normal(t.size)
+        path = folder / f"clip{i:03d}.flac"
+        sf.write(path, wave.astype(np.float32), rate)
+        paths.append(path)
+    return paths
+
+
+class Reference:
+    """The seed notebook's code path, one utterance at a time: the oracle for the job.
+
+    ``Wav2Vec2Processor(audio, sampling_rate=16000)`` → model → argmax → ``batch_decode``.
+    """
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCTC, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForCTC.from_pretrained(model_dir).eval()
+
+    def __call__(self, audio: np.ndarray) -> str:
+        inputs = self.processor(audio, sampling_rate=16_000, return_tensors="pt")
+        with torch.no_grad():
+            logits = self.model(**inputs).logits
+        return self.processor.batch_decode(torch.argmax(logits, dim=-1))[0]

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from transformers import Wav2Vec2FeatureExtractor
+
+from pipeline.audio import AudioError, decode, normalize
+from pipeline.schema import ErrorKind
+
+
+@pytest.fixture
+def speechlike():
+    rng = np.random.default_rng(1)
+    t = np.arange(24_000) / 16_000
+    return (0.4 * np.sin(2 * np.pi * 220 * t) + 0.1 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_normalize_matches_feature_extractor(speechlike):
+    fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False)
+    expected = fe(speechlike, sampling_rate=16_000).input_values[0]
+    np.testing.assert_array_equal(normalize(speechlike), expected)
+
+
+def test_decode_16k_mono_is_the_file_normalised(tmp_path, speechlike):
+    sf.write(tmp_path / "a.flac", speechlike, 16_000)
+    d = decode(str(tmp_path / "a.flac"))
+    raw, _ = sf.read(tmp_path / "a.flac", dtype="float32")
+    np.testing.assert_array_equal(d.audio, normalize(raw))
+    assert (d.sample_rate, d.num_channels) == (16_000, 1)
+    assert d.duration_s == pytest.approx(1.5)
+    assert d.audio.dtype == np.float32
+
+
+def test_decode_averages_channels_and_resamples_with_soxr(tmp_path, speechlike):
+    left = soxr.resample(speechlike, 16_000, 44_100)
+    stereo = np.stack([left, 0.5 * left], axis=1)
+    sf.write(tmp_path / "s.wav", stereo, 44_100, subtype="FLOAT")
+    d = decode(str(tmp_path / "s.wav"), do_normalize=False)
+    expected = soxr.resample(0.75 * left, 44_100, 16_000, quality="HQ")
+    np.testing.assert_allclose(d.audio, expected, atol=1e-6)
+    assert (d.sample_rate, d.num_channels) == (44_100, 2)
+    assert len(d.audio) == 24_000
+
+
+def test_decode_from_bytes_names_the_path(tmp_path, speechlike):
+    sf.write(tmp_path / "a.wav", speechlike, 16_000)
+    d = decode("virtual.wav", (tmp_path / "a.wav").read_bytes())
+    assert len(d.audio) == len(speechlike)
+    with pytest.raises(AudioError, match="virtual.wav") as err:
+        decode("virtual.wav", b"not audio at all")
+    assert err.value.kind == ErrorKind.DECODE_ERROR
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda d: d / "missing.wav", ErrorKind.NOT_FOUND),
+        (lambda d: (d / "folder.wav").mkdir() or d / "folder.wav", ErrorKind.UNREADABLE),
+        (lambda d: (d / "text.wav").write_text("hello") and d / "text.wav", ErrorKind.DECODE_ERROR),
+        (lambda d: (d / "zero.flac").write_bytes(b"") or d / "zero.flac", ErrorKind.DECODE_ERROR),
+    ],
+    ids=["missing", "directory", "text", "zero-bytes"],
+)
+def test_decode_errors_have_a_kind_and_name_the_file(tmp_path, make, kind):
+    path = make(tmp_path)
+    with pytest.raises(AudioError) as err:
+        decode(str(path))
+    assert err.value.kind == kind
+    assert str(path) in str(err.value)
+
+
+def test_empty_nonfinite_and_too_long(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16_000)
+    sf.write(tmp_path / "nan.wav", np.array([0.1, np.nan, 0.2] * 200, np.float32), 16_000, subtype="FLOAT")
+    sf.write(tmp_path / "long.wav", np.zeros(16_000 * 3, np.float32), 16_000)
+    for name, kind, kwargs in [
+        ("empty.wav", ErrorKind.EMPTY, {}),
+        ("nan.wav", ErrorKind.NON_FINITE, {}),
+        ("long.wav", ErrorKind.TOO_LONG, {"max_duration_s": 2.5}),
+    ]:
+        with pytest.raises(AudioError) as err:
+            decode(str(tmp_path / name), **kwargs)
+        assert err.value.kind == kind, name

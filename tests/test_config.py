@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_MODEL, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.model.name == DEFAULT_MODEL
+
+
+def test_names_of_shipped_configs():
+    assert {p.stem for p in CONFIGS} >= {"demo", "librispeech", "gpu-cluster"}
+
+
+def test_overrides_are_yaml_typed_and_win_over_the_file():
+    cfg = load_config(CONFIGS[0], ["inference.max_replicas=3", "model.revision=null", "output.overwrite=false"])
+    assert cfg.inference.max_replicas == 3 and cfg.model.revision is None and cfg.output.overwrite is False
+    assert load_config(overrides=["model.name=x"], **{"model.name": "y"}).model.name == "y"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inference.max_replicas=0"], "inference.max_replicas = 0: Input should be greater than or equal to 1"),
+        (["inference.min_replicas=4"], "inference.max_replicas = 1: must be >= inference.min_replicas (4)"),
+        (["input.format=xml"], "input.format = 'xml': Input should be 'auto', 'csv', 'jsonl', 'parquet', 'folder'"),
+        (["inference.devise=cpu"], "inference.devise: unknown key"),
+        (["inference.device=cuda"], "inference.device = cuda: needs inference.gpus_per_replica > 0"),
+        (["output.rows_per_shard=many"], "output.rows_per_shard = 'many': Input should be a valid integer"),
+        (["maxreplicas"], "expected KEY=VALUE"),
+        (["model=3"], "model = 3: Input should be a valid dictionary"),
+    ],
+)
+def test_errors_name_key_value_and_fix(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")

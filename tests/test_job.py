@@ -1,0 +1,170 @@
+"""The whole job on a real local Ray cluster: real files in, real Parquet out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from helpers import Reference, write_tone_clips
+from pipeline import schema as S
+from pipeline.config import load_config
+from pipeline.engine import SUMMARY_FILE, JobError, read_output, run_job
+
+# 22 utterances from 25 ms (the model's minimum) to 12 s, so batches mix very unequal lengths.
+DURATIONS = [0.025, 0.05, 0.3, 0.5, 0.8, 1.0, 1.3, 1.7, 2.0, 2.4, 2.9, 3.3, 3.8, 4.2, 5.0, 5.5, 6.1, 7.0,
+             8.2, 9.0, 10.5, 12.0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A CSV manifest: 22 good clips, one missing file, one corrupt file, one too short."""
+    root = tmp_path_factory.mktemp("corpus")
+    clips = write_tone_clips(root / "clips", DURATIONS)
+    (root / "clips" / "corrupt.flac").write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    sf.write(root / "clips" / "short.wav", np.full(100, 0.1, np.float32), 16_000)
+    rows = [f"{p.stem},clips/{p.name},REF {i}" for i, p in enumerate(clips)]
+    rows += ["missing,clips/missing.flac,", "corrupt,clips/corrupt.flac,", "short,clips/short.wav,"]
+    (root / "manifest.csv").write_text("id,path,text\n" + "\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+def run(ray_cluster, manifest, out, model, *overrides, **values):
+    cfg = load_config(
+        overrides=["ray.progress_bars=false", *overrides],
+        **{"input.path": str(manifest), "output.path": str(out), "model.name": str(model), **values},
+    )
+    return run_job(cfg)
+
+
+def by_id(out: Path) -> dict[str, dict]:
+    return {r[S.ID]: r for r in read_output(out).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def layer_run(ray_cluster, corpus, layer_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("layer_out")
+    # A small budget forces many batches of mixed lengths in each actor call.
+    summary = run(ray_cluster, corpus, out, layer_model, "inference.max_batch_samples=100000",
+                  "output.rows_per_shard=10")
+    return out, summary
+
+
+def test_layer_norm_transcripts_equal_the_reference_one_at_a_time(layer_run, corpus, layer_model):
+    out, _ = layer_run
+    rows = by_id(out)
+    ref = Reference(layer_model)
+    clips = sorted((corpus.parent / "clips").glob("clip*.flac"))
+    assert len(clips) >= 20
+    for clip in clips:
+        audio, _ = sf.read(clip, dtype="float32")
+        assert rows[clip.stem][S.TRANSCRIPT] == ref(audio), clip.stem
+    assert sum(bool(rows[c.stem][S.TRANSCRIPT]) for c in clips) > len(clips) // 2
+
+
+def test_error_rows_name_file_stage_and_reason(layer_run, corpus):
+    rows = by_id(layer_run[0])
+    missing, corrupt, short = rows["missing"], rows["corrupt"], rows["short"]
+    assert (missing[S.ERROR_KIND], missing[S.ERROR_STAGE]) == (S.ErrorKind.NOT_FOUND, S.STAGE_DECODE)
+    assert missing[S.ERROR].startswith("not_found: ") and "clips/missing.flac" in missing[S.ERROR]
+    assert (corrupt[S.ERROR_KIND], corrupt[S.ERROR_STAGE]) == (S.ErrorKind.DECODE_ERROR, S.STAGE_DECODE)
+    assert "corrupt.flac" in corrupt[S.ERROR]
+    assert (short[S.ERROR_KIND], short[S.ERROR_STAGE]) == (S.ErrorKind.TOO_SHORT, S.STAGE_TRANSCRIBE)
+    assert "100 samples" in short[S.ERROR] and "at least 400" in short[S.ERROR]
+    for r in (missing, corrupt, short):
+        assert r[S.TRANSCRIPT] is None
+    assert short[S.DURATION_S] == pytest.approx(100 / 16_000) and short[S.SAMPLE_RATE] == 16_000
+    ok = [r for r in rows.values() if r[S.ERROR_KIND] is None]
+    assert all(r[S.ERROR] is None and r[S.ERROR_STAGE] is None and r[S.TRANSCRIPT] is not None for r in ok)
+
+
+def test_schema_metadata_and_source_columns(layer_run, layer_model):
+    out, _ = layer_run
+    shards = sorted(out.glob("*.parquet"))
+    for shard in shards:
+        schema = pq.read_schema(shard)
+        assert schema.remove_metadata() == S.OUTPUT_SCHEMA
+        meta = json.loads(schema.metadata[S.METADATA_KEY])
+        assert meta["model"] == str(layer_model) and meta["corpus_transcribe"] and meta["transformers"]
+        assert pq.read_metadata(shard).num_rows <= 10  # output.rows_per_shard
+    rows = by_id(out)
+    clip = rows["clip005"]
+    assert (clip[S.SAMPLE_RATE], clip[S.NUM_CHANNELS], clip[S.MODEL]) == (16_000, 1, str(layer_model))
+    assert clip[S.DURATION_S] == pytest.approx(DURATIONS[5])
+    assert clip[S.REFERENCE] == "REF 5" and rows["missing"][S.REFERENCE] is None
+    assert clip[S.NUM_SAMPLES] == 16_000 and clip[S.PADDED_SAMPLES] >= clip[S.NUM_SAMPLES]
+
+
+def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
+    out, summary = layer_run
+    on_disk = json.loads((out / SUMMARY_FILE).read_text())
+    assert on_disk["rows_in"] == summary["rows_in"] == 25
+    assert (summary["rows_out"], summary["transcribed"], summary["errors"]) == (25, 22, 3)
+    assert summary["errors_by_kind"] == {"not_found": 1, "decode_error": 1, "too_short": 1}
+    assert (summary["lost"], summary["duplicated"]) == (0, 0)
+    assert summary["audio_hours"] == pytest.approx((sum(DURATIONS) + 100 / 16_000) / 3600, rel=1e-3)
+    assert summary["audio_s_per_s"] > 0 and summary["wall_s"] > 0 and summary["padding_waste"] >= 0
+    assert summary["shards"] == len(list(out.glob("*.parquet"))) >= 3
+    # Every file that is not a shard starts with "_".
+    assert all(p.suffix == ".parquet" or p.name.startswith("_") for p in out.iterdir())
+    assert pads.dataset(out, format="parquet").count_rows() == 25
+    assert duckdb.sql(f"select count(distinct id) from read_parquet('{out}/**/*.parquet')").fetchall() == [(25,)]
+    import ray
+
+    assert ray.data.read_parquet(str(out)).count() == 25
+
+
+def test_group_norm_batching_drift_is_counted_and_batch_of_one_is_exact(ray_cluster, corpus, group_model,
+                                                                          tmp_path):
+    ref = Reference(group_model)
+    clips = sorted((corpus.parent / "clips").glob("clip*.flac"))
+    expected = {c.stem: ref(sf.read(c, dtype="float32")[0]) for c in clips}
+
+    run(ray_cluster, corpus, tmp_path / "batched", group_model, "inference.max_batch_samples=400000")
+    batched = by_id(tmp_path / "batched")
+    differ = sum(batched[k][S.TRANSCRIPT] != v for k, v in expected.items())
+    # Zero padding changes a group-norm model's output; a later issue removes this drift.
+    print(f"\ngroup-norm model: {differ} of {len(expected)} rows differ from the one-at-a-time reference")
+
+    run(ray_cluster, corpus, tmp_path / "single", group_model, "inference.rows_per_call=1")
+    single = by_id(tmp_path / "single")
+    assert {k: single[k][S.TRANSCRIPT] for k in expected} == expected
+    assert len(batched) == len(single) == 25
+
+
+def test_input_kinds_and_manifest_formats_agree(ray_cluster, corpus, layer_model, layer_run, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    expected = {k: r[S.TRANSCRIPT] for k, r in by_id(layer_run[0]).items() if k.startswith("clip")}
+    manifest = pa.csv.read_csv(corpus).filter(pa.compute.starts_with(pa.compute.field("id"), "clip"))
+    paths = [str(corpus.parent / p) for p in manifest["path"].to_pylist()]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio_filepath": p}) + "\n" for p in paths))
+    pq.write_table(pa.table({"id": manifest["id"], "file": paths}), tmp_path / "m.parquet")
+    hf = datasets.Dataset.from_dict({"id": manifest["id"].to_pylist(), "audio": paths})
+    hf.cast_column("audio", datasets.Audio(decode=False)).save_to_disk(tmp_path / "hf")
+
+    def stem(k):
+        return Path(k).stem
+
+    for name, source in [("jsonl", tmp_path / "m.jsonl"), ("parquet", tmp_path / "m.parquet"),
+                         ("hf", tmp_path / "hf"), ("folder", corpus.parent / "clips")]:
+        out = tmp_path / f"out-{name}"
+        summary = run(ray_cluster, source, out, layer_model)
+        got = {stem(k): r[S.TRANSCRIPT] for k, r in by_id(out).items() if stem(k).startswith("clip")}
+        assert got == expected, name
+        assert summary["lost"] == summary["duplicated"] == 0
+    folder_ids = set(by_id(tmp_path / "out-folder"))
+    assert {"clip000.flac", "corrupt.flac", "short.wav"} <= folder_ids  # ids are relative paths
+
+
+def test_existing_output_fails_fast_unless_overwrite(ray_cluster, corpus, layer_run, layer_model):
+    out, _ = layer_run
+    with pytest.raises(JobError, match="already holds results.*output.overwrite=true"):
+        run(ray_cluster, corpus, out, layer_model)
+    assert len(read_output(out)) == 25
