@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import bundled
 
 DEFAULT_MODEL = "facebook/wav2vec2-base-960h"
-BUNDLED_SAMPLE = "@sample"
 
 
 class ConfigError(ValueError):
@@ -25,11 +26,18 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    path: str | None = Field(None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, or @sample")
+    path: str | None = Field(None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, @sample or @heldout")
     format: Literal["auto", "csv", "jsonl", "parquet", "folder", "hf"] = "auto"
     hf_split: str | None = None
     hf_config: str | None = None
     audio_column: str = "audio"
+
+    @field_validator("path")
+    @classmethod
+    def _known_bundled(cls, value: str | None) -> str | None:
+        if value is not None:
+            bundled.input_path(value)
+        return value
 
 
 class OutputConfig(_Section):
@@ -39,9 +47,15 @@ class OutputConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = DEFAULT_MODEL
+    name: str = Field(DEFAULT_MODEL, description="Hub id, local folder, or @demo (the bundled model)")
     revision: str | None = None
     trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_bundled(cls, value: str) -> str:
+        bundled.model_path(value)
+        return value
 
 
 class AudioConfig(_Section):

@@ -10,7 +10,6 @@ work starts, and a manifest (paths and texts, not audio) fits in memory even for
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +20,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from pipeline import schema as S
-from pipeline.config import BUNDLED_SAMPLE, InputConfig
+from pipeline import bundled
+from pipeline.config import InputConfig
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -43,11 +43,6 @@ HF_PREFIX = "hf:"
 
 class ManifestError(ValueError):
     """The input cannot be turned into a manifest; the message says where and why."""
-
-
-def bundled_sample() -> Path:
-    """The manifest of the sample clips shipped inside the package."""
-    return Path(str(resources.files("pipeline") / "sample" / "manifest.csv"))
 
 
 def detect_format(path: str) -> str:
@@ -76,7 +71,7 @@ def read_manifest(cfg: InputConfig) -> pa.Table:
     """Read ``cfg.path`` into the normalised manifest table; raise :class:`ManifestError`."""
     if not cfg.path:
         raise ManifestError("input.path is not set: pass --input MANIFEST_OR_FOLDER")
-    path = str(bundled_sample()) if cfg.path == BUNDLED_SAMPLE else cfg.path
+    path = bundled.input_path(cfg.path)
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "folder":
         table = _list_folder(Path(path))

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor
 
+from pipeline import bundled
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,11 @@ class ModelSpec:
     name: str
     revision: str | None = None
     trust_remote_code: bool = False
+
+    @property
+    def source(self) -> str:
+        """What ``from_pretrained`` gets: ``@demo`` resolved where this runs (driver or actor)."""
+        return bundled.model_path(self.name)
 
     def kwargs(self) -> dict:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -40,7 +47,7 @@ class FrontEnd:
 
 def load_front_end(spec: ModelSpec) -> FrontEnd:
     """Read only the feature extractor's settings (a small JSON file), e.g. on the driver."""
-    fe = AutoFeatureExtractor.from_pretrained(spec.name, **spec.kwargs())
+    fe = AutoFeatureExtractor.from_pretrained(spec.source, **spec.kwargs())
     return FrontEnd(sampling_rate=int(fe.sampling_rate), do_normalize=bool(getattr(fe, "do_normalize", False)))
 
 
@@ -68,8 +75,8 @@ class CTCTranscriber:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
-        self.processor = AutoProcessor.from_pretrained(spec.name, **spec.kwargs())
-        self.model = AutoModelForCTC.from_pretrained(spec.name, use_safetensors=True, **spec.kwargs())
+        self.processor = AutoProcessor.from_pretrained(spec.source, **spec.kwargs())
+        self.model = AutoModelForCTC.from_pretrained(spec.source, use_safetensors=True, **spec.kwargs())
         self.model.to(self.device).eval()
         # Models trained without an attention mask (group-norm front end, e.g.
         # wav2vec2-base-960h) must not get one: their feature extractor says which.

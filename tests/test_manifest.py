@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +9,9 @@ import soundfile as sf
 
 from pipeline import schema as S
 from pipeline.config import InputConfig
-from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, bundled_sample, read_manifest
+from pipeline import bundled
+from pipeline.config import ConfigError, load_config
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, read_manifest
 
 
 def read(path, **kw):
@@ -83,9 +86,15 @@ def test_missing_path_column_and_empty_path_name_the_problem(clips):
         read(clips / "n.csv")
 
 
-def test_unknown_input_and_bundled_sample(tmp_path):
+def test_unknown_input_and_bundled_inputs(tmp_path):
     with pytest.raises(ManifestError, match="no such file or folder"):
         read(tmp_path / "nothing.txt")
     t = read_manifest(InputConfig(path="@sample"))
     assert t.num_rows == 6 and t[S.REFERENCE].null_count == 0
-    assert bundled_sample().parent.joinpath(t[S.ID][0].as_py() + ".flac").exists()
+    assert Path(bundled.input_path("@sample")).parent.joinpath(t[S.ID][0].as_py() + ".flac").exists()
+    held = read_manifest(InputConfig(path="@heldout"))
+    assert held.num_rows == 40 and held[S.REFERENCE].null_count == 0
+    assert all(Path(p).is_file() for p in held[S.PATH].to_pylist())
+    assert Path(bundled.model_path("@demo"), "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match=r"input.path = '@nope': unknown bundled name; use one of @sample, @heldout"):
+        load_config(**{"input.path": "@nope"})

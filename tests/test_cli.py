@@ -1,0 +1,88 @@
+"""The command line as a user runs it: a real subprocess, real exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import jiwer
+import pytest
+
+from helpers import write_tone_clips
+from pipeline import schema as S
+from pipeline.engine import read_output
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MAX_CER = 0.25  # measured 16.5% (pipeline/models/demo-wav2vec2/TRAINING.md)
+
+
+def transcribe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.transcribe", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_console_script_is_declared():
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "transcribe"]
+    assert ep.value == "jobs.transcribe:main"
+
+
+def test_joins_a_cluster_with_address(ray_cluster, layer_model, tmp_path):
+    write_tone_clips(tmp_path / "clips", [1.0, 2.0, 0.5])
+    out = tmp_path / "out"
+    proc = transcribe("--input", str(tmp_path / "clips"), "--output", str(out), "--model", str(layer_model),
+                      "--address", ray_cluster, "--quiet", "--set", "inference.rows_per_call=2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["rows_in"], summary["rows_out"], summary["errors"]) == (3, 3, 0)
+    assert sorted(read_output(out)[S.ID].to_pylist()) == ["clip000.flac", "clip001.flac", "clip002.flac"]
+
+
+def test_demo_config_transcribes_the_heldout_clips_offline(tmp_path):
+    """The README's run command: bundled model, bundled clips, Ray in-process, no download."""
+    out = tmp_path / "demo"
+    proc = transcribe("--config", "configs/demo.yaml", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "Started a local Ray instance" in proc.stderr  # progress is visible while it runs
+    table = read_output(out)
+    assert table.num_rows == 40 and table[S.ERROR].null_count == 40
+    assert set(table[S.MODEL].to_pylist()) == {"@demo"}
+    cer = jiwer.cer(table[S.REFERENCE].to_pylist(), table[S.TRANSCRIPT].to_pylist())
+    print(f"demo CER over the held-out clips: {cer:.2%}")
+    assert cer < DEMO_MAX_CER  # real English words, not noise
+    rerun = transcribe("--config", "configs/demo.yaml", "--output", str(out), "-q")
+    assert rerun.returncode == 0, rerun.stderr  # demo.yaml sets output.overwrite
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--input", "@sample", "--set", "inference.max_replicas=0"], 2,
+         "transcribe: error: invalid config: inference.max_replicas = 0: Input should be greater than or equal to 1"),
+        (["--input", "@sample", "--set", "decode.rows_per_tsk=3"], 2, "decode.rows_per_tsk: unknown key"),
+        (["--input", "@sample", "--model", "/no/such/model"], 1,
+         "model.name = '/no/such/model': cannot load its feature extractor"),
+        (["--input", "@sample", "--model", "@nope"], 2,
+         "model.name = '@nope': unknown bundled name; use one of @demo"),
+        (["--input", "/no/such/manifest.csv"], 1, "--input /no/such/manifest.csv: no such file"),
+    ],
+)
+def test_systemic_failures_exit_nonzero_with_one_line(args, code, message, tmp_path):
+    proc = transcribe(*args, "--output", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert message in proc.stderr
+    assert not (tmp_path / "out" / "_summary.json").exists()
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, group_model):
+    (tmp_path / "taken").write_text("x")
+    proc = transcribe("--input", "@sample", "--output", str(tmp_path / "taken"), "--model", str(group_model))
+    assert proc.returncode == 1
+    assert "exists and is not a folder" in proc.stderr
