@@ -112,6 +112,29 @@ def _init_ray(cfg: JobConfig) -> bool:
     return True
 
 
+def _check_resources(cfg: JobConfig) -> None:
+    """Fail fast where the pool cannot start beside one decode task: Ray Data would wait forever.
+
+    Joining a cluster only warns, since its autoscaler may still add nodes.
+    """
+    inf, have = cfg.inference, ray.cluster_resources()
+    for resource, per_replica, extra, key in [
+        ("CPU", inf.cpus_per_replica, cfg.decode.cpus_per_task, "inference.cpus_per_replica"),
+        ("GPU", inf.gpus_per_replica, 0.0, "inference.gpus_per_replica"),
+    ]:
+        need = inf.min_replicas * per_replica + extra
+        if need > have.get(resource, 0.0) + 1e-9:
+            message = (
+                f"inference.min_replicas = {inf.min_replicas}: {inf.min_replicas} replicas x {per_replica:g} "
+                f"{resource}s ({key}) plus one decode task need {need:g} {resource}s, the cluster has "
+                f"{have.get(resource, 0.0):g}; lower inference.min_replicas or {key}"
+            )
+            if cfg.ray.address:
+                log.warning("%s (waiting for the cluster to grow)", message)
+            else:
+                raise JobError(message)
+
+
 def build_dataset(p: Plan) -> ray.data.Dataset:
     """Manifest → decode tasks → inference actor pool, as one lazy Ray Dataset."""
     cfg = p.cfg
@@ -152,6 +175,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     log.info("%d rows from %s; model %s", p.manifest.num_rows, cfg.input.path, p.spec.name)
     own_ray = _init_ray(cfg)
     try:
+        _check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         if p.manifest.num_rows:
             try:

@@ -68,8 +68,59 @@ def receptive_field(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> i
     return field
 
 
+class ValidFramesGroupNorm(torch.nn.Module):
+    """``nn.GroupNorm`` whose statistics come from each row's valid frames only.
+
+    wav2vec2-base-960h's kind normalises its first conv layer over time; with zero padding the
+    padded frames shift the mean and variance, so a row's logits depend on what it was batched
+    with (transformers #18501). Set :attr:`frames` (valid frames per row) before a batched forward;
+    with ``frames = None`` it is the wrapped layer, unchanged. Written by hand because torch has no
+    masked group norm; two-pass mean/variance in fp32, as ``nn.GroupNorm``.
+    """
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+        self.frames: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frames is None:
+            return self.norm(x)
+        batch, channels, time = x.shape
+        groups = self.norm.num_groups
+        valid = (torch.arange(time, device=x.device) < self.frames.to(x.device)[:, None]).to(x.dtype)
+        valid = valid[:, None, None, :]  # (B, 1, 1, T)
+        g = x.reshape(batch, groups, channels // groups, time)
+        count = valid.sum(-1, keepdim=True) * (channels // groups)
+        mean = (g * valid).sum((-2, -1), keepdim=True) / count
+        var = (((g - mean) * valid) ** 2).sum((-2, -1), keepdim=True) / count
+        y = ((g - mean) * torch.rsqrt(var + self.norm.eps)).reshape(batch, channels, time)
+        if self.norm.affine:
+            y = y * self.norm.weight[None, :, None] + self.norm.bias[None, :, None]
+        return y
+
+
+def _first_group_norm(model) -> tuple[torch.nn.Module, torch.nn.GroupNorm] | None:
+    """The first conv layer and its ``GroupNorm``, where the model has that structure."""
+    encoder = getattr(model.base_model, "feature_extractor", None)
+    layers = getattr(encoder, "conv_layers", None)
+    if not layers:
+        return None
+    norm = getattr(layers[0], "layer_norm", None)
+    return (layers[0], norm) if isinstance(norm, torch.nn.GroupNorm) else None
+
+
 class CTCTranscriber:
-    """One loaded model replica; call :meth:`transcribe` with normalised 16 kHz waveforms."""
+    """One loaded model replica; call :meth:`transcribe` with normalised 16 kHz waveforms.
+
+    Batches are made batch-invariant where the model allows it: a row's logits do not depend on
+    what it shares a batch with (see :class:`ValidFramesGroupNorm`). :attr:`batch_invariant` says
+    whether that holds for the loaded model; the load-time probe decides.
+    """
+
+    # Probe lengths, beyond the receptive field: unequal, and one just above it.
+    PROBE_LENGTHS = (16_000, 3_217, 51)
+    PROBE_TOLERANCE = 1e-3  # max |Δlogit| relative to max(1, max |logit|); plain padding gives ~0.3
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None):
         if threads is not None:
@@ -78,38 +129,94 @@ class CTCTranscriber:
         self.processor = AutoProcessor.from_pretrained(spec.source, **spec.kwargs())
         self.model = AutoModelForCTC.from_pretrained(spec.source, use_safetensors=True, **spec.kwargs())
         self.model.to(self.device).eval()
-        # Models trained without an attention mask (group-norm front end, e.g.
-        # wav2vec2-base-960h) must not get one: their feature extractor says which.
-        self.use_attention_mask = bool(self.processor.feature_extractor.return_attention_mask)
         config = self.model.config
         self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
+        self._first_conv = config.conv_kernel[0], config.conv_stride[0]
+        # The standard path: models whose feature extractor returns an attention mask were trained
+        # with one; the others (group-norm front end, e.g. base-960h) get none.
+        self.use_attention_mask = bool(self.processor.feature_extractor.return_attention_mask)
+        self._norm: ValidFramesGroupNorm | None = None
+        self.batch_invariant = self._make_batch_invariant(spec.name)
         log.info(
-            "loaded %s on %s (%d threads, attention mask: %s)",
-            spec.name, self.device, torch.get_num_threads(), self.use_attention_mask,
+            "loaded %s on %s (%d threads, attention mask: %s, batch-invariant: %s)",
+            spec.name, self.device, torch.get_num_threads(), self.use_attention_mask, self.batch_invariant,
         )
+
+    def _make_batch_invariant(self, name: str) -> bool:
+        """Install the exact path, probe it, and fall back to the standard one where it fails.
+
+        The exact path always passes an attention mask: the encoder then zeroes padded frames
+        before its positional conv and hides them from attention, which reproduces the unpadded
+        computation on the valid frames — the batch-of-one result the model gives any utterance.
+        """
+        found = _first_group_norm(self.model)
+        if found is not None:
+            layer, norm = found
+            self._norm = ValidFramesGroupNorm(norm)
+            layer.layer_norm = self._norm
+        standard_mask, self.use_attention_mask = self.use_attention_mask, True
+        deviation = self.probe()
+        if deviation <= self.PROBE_TOLERANCE:
+            return True
+        if found is not None:
+            layer.layer_norm, self._norm = norm, None
+        self.use_attention_mask = standard_mask
+        # Once per replica: e.g. Data2VecAudio's stacked positional convs and the conformer's conv
+        # modules see padded frames, which no mask hides.
+        log.warning(
+            "%s (%s) is not batch-invariant with a valid-frames mask (max |Δlogit| %.3g between a "
+            "padded batch and one row at a time on a probe); using the standard padding, so a row's "
+            "transcript can depend on what shares its batch", name, self.model.config.model_type, deviation,
+        )
+        return False
+
+    def probe(self) -> float:
+        """Largest logit difference, relative, between one padded batch and one row at a time."""
+        rng = np.random.default_rng(0)
+        lengths = [self.min_samples + n for n in self.PROBE_LENGTHS]
+        waves = [rng.standard_normal(n).astype(np.float32) for n in lengths]
+        batched = self.logits(waves)
+        scale, worst = 1.0, 0.0
+        for row, (wave, frames) in enumerate(zip(waves, self.frames(lengths), strict=True)):
+            alone = self.logits([wave])[0, :frames]
+            scale = max(scale, float(alone.abs().max()))
+            worst = max(worst, float((batched[row, :frames] - alone).abs().max()))
+        return worst / scale
 
     def frames(self, num_samples: Sequence[int]) -> list[int]:
         """Output frames the model gives for inputs of these lengths."""
         lengths = torch.as_tensor(list(num_samples), dtype=torch.long)
         return self.model._get_feat_extract_output_lengths(lengths).tolist()
 
-    def transcribe(self, waves: Sequence[np.ndarray]) -> list[str]:
-        """Transcribe one batch: zero-pad to the longest, forward once, greedy-decode each row.
-
-        Each row's predictions are cut to its own frames, so padding never adds characters.
-        """
+    def logits(self, waves: Sequence[np.ndarray]) -> torch.Tensor:
+        """One forward pass over the zero-padded batch: ``(rows, frames of the longest, vocab)``."""
         lengths = [len(w) for w in waves]
         batch = np.zeros((len(waves), max(lengths)), dtype=np.float32)
         for row, wave in zip(batch, waves, strict=True):
             row[: len(wave)] = wave
         inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        n = torch.as_tensor(lengths)
         mask = None
         if self.use_attention_mask:
-            mask = (torch.arange(inputs.shape[1]) < torch.as_tensor(lengths)[:, None]).to(self.device)
-        with torch.inference_mode():
-            logits = self.model(inputs, attention_mask=mask).logits
-        ids = logits.argmax(dim=-1).cpu()
-        texts = self.processor.batch_decode([ids[i, :n].tolist() for i, n in enumerate(self.frames(lengths))])
+            mask = (torch.arange(inputs.shape[1]) < n[:, None]).to(self.device)
+        if self._norm is not None:
+            kernel, stride = self._first_conv
+            self._norm.frames = torch.div(n - kernel, stride, rounding_mode="floor") + 1
+        try:
+            with torch.inference_mode():
+                return self.model(inputs, attention_mask=mask).logits
+        finally:
+            if self._norm is not None:
+                self._norm.frames = None
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[str]:
+        """Transcribe one batch: zero-pad to the longest, forward once, greedy-decode each row.
+
+        Each row's predictions are cut to its own frames, so padding never adds characters.
+        """
+        ids = self.logits(waves).argmax(dim=-1).cpu()
+        frames = self.frames([len(w) for w in waves])
+        texts = self.processor.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
         if len(texts) != len(waves):
             raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(waves)} rows")
         return texts

@@ -84,8 +84,11 @@ class Reference:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.model = AutoModelForCTC.from_pretrained(model_dir).eval()
 
-    def __call__(self, audio: np.ndarray) -> str:
+    def logits(self, audio: np.ndarray) -> torch.Tensor:
+        """``(frames, vocab)`` for one utterance, unpadded."""
         inputs = self.processor(audio, sampling_rate=16_000, return_tensors="pt")
         with torch.no_grad():
-            logits = self.model(**inputs).logits
-        return self.processor.batch_decode(torch.argmax(logits, dim=-1))[0]
+            return self.model(**inputs).logits[0]
+
+    def __call__(self, audio: np.ndarray) -> str:
+        return self.processor.batch_decode(torch.argmax(self.logits(audio), dim=-1)[None])[0]

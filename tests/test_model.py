@@ -1,9 +1,15 @@
+"""wav2vec2 inference: exact batch invariance against the seed's one-at-a-time code path."""
+
+import logging
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
-from helpers import Reference
+from helpers import Reference, make_ctc_model
 from pipeline.audio import normalize
-from pipeline.model import CTCTranscriber, ModelSpec, load_front_end, receptive_field
+from pipeline.model import CTCTranscriber, ModelSpec, ValidFramesGroupNorm, load_front_end, receptive_field
 
 
 def test_receptive_field_of_base_960h_geometry():
@@ -15,26 +21,87 @@ def test_front_end_read_from_a_local_folder(group_model, layer_model):
     assert (fe.sampling_rate, fe.do_normalize) == (16_000, True)
 
 
-@pytest.fixture
-def utterances():
-    rng = np.random.default_rng(3)
-    lengths = [400, 401, 1_000, 4_000, 9_999, 16_000, 23_456, 40_000]
+@pytest.mark.parametrize("groups", [16, 4, 1])
+def test_valid_frames_group_norm_equals_group_norm_on_each_row_alone(groups):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    masked = ValidFramesGroupNorm(norm)
+    frames = [37, 5, 2, 20]
+    x = torch.randn(len(frames), 16, max(frames)) * 3 + 1
+    masked.frames = torch.tensor(frames)
+    with torch.no_grad():
+        y = masked(x)
+        for row, n in enumerate(frames):
+            torch.testing.assert_close(y[row, :, :n], norm(x[row : row + 1, :, :n])[0], atol=1e-5, rtol=1e-5)
+        masked.frames = None
+        torch.testing.assert_close(masked(x), norm(x))
+
+
+def _utterances(seed: int, count: int) -> list[np.ndarray]:
+    """Random lengths from the 400-sample minimum to 4 s, always with a very short and a long one."""
+    rng = np.random.default_rng(seed)
+    lengths = [400, int(rng.integers(401, 900)), 64_000]
+    lengths += rng.integers(400, 64_000, size=count - 3).tolist()
+    rng.shuffle(lengths)
     return [normalize(rng.standard_normal(n).astype(np.float32)) for n in lengths]
 
 
-def test_layer_norm_batch_equals_reference_one_at_a_time(layer_model, utterances):
-    t = CTCTranscriber(ModelSpec(str(layer_model)), device="cpu", threads=1)
-    assert t.use_attention_mask and t.min_samples == 400
-    ref = Reference(layer_model)
-    expected = [ref(u) for u in utterances]
-    assert t.transcribe(utterances) == expected
-    assert t.transcribe(utterances[::-1]) == expected[::-1]
-    assert any(expected), "the random model should emit some characters"
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_batched_logits_equal_one_at_a_time_reference(kind, group_model, layer_model):
+    model_dir = group_model if kind == "group" else layer_model
+    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1)
+    assert t.batch_invariant and t.use_attention_mask and t.min_samples == 400
+    ref = Reference(model_dir)
+    worst, texts = 0.0, 0
+    for seed, count in [(0, 8), (1, 3), (2, 12), (3, 5)]:
+        batch = _utterances(seed, count)
+        logits = t.logits(batch)
+        for row, (wave, frames) in enumerate(zip(batch, t.frames([len(w) for w in batch]), strict=True)):
+            alone = ref.logits(wave)
+            assert alone.shape[0] == frames
+            worst = max(worst, float((logits[row, :frames] - alone).abs().max()))
+        expected = [ref(w) for w in batch]
+        assert t.transcribe(batch) == expected
+        assert t.transcribe(batch[::-1]) == expected[::-1]
+        texts += sum(map(bool, expected))
+    print(f"\n{kind}-norm model: max |Δlogit| batched vs one at a time = {worst:.2e}")
+    assert worst <= 1e-4
+    assert texts > 10, "the random model should emit characters, or the comparison proves little"
 
 
-def test_group_norm_model_gets_no_attention_mask(group_model, utterances):
+def test_plain_zero_padding_is_what_the_exact_path_fixes(group_model):
+    """Without the valid-frames group norm and mask, padding moves a group-norm model's logits."""
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu")
-    assert not t.use_attention_mask
-    # One utterance alone has no padding, so it matches the reference exactly.
-    ref = Reference(group_model)
-    assert [t.transcribe([u])[0] for u in utterances[:3]] == [ref(u) for u in utterances[:3]]
+    layer = t.model.base_model.feature_extractor.conv_layers[0]
+    layer.layer_norm, t._norm, t.use_attention_mask = layer.layer_norm.norm, None, False
+    assert t.probe() > 1e-2
+
+
+def test_models_the_exact_path_cannot_fix_fall_back_and_say_why_once(tmp_path, caplog, group_model):
+    from transformers import Data2VecAudioConfig, Data2VecAudioForCTC
+
+    torch.manual_seed(0)
+    config = Data2VecAudioConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, conv_dim=(16,) * 7, conv_pos_kernel_size=5)
+    Data2VecAudioForCTC(config).save_pretrained(tmp_path)
+    for name in ("processor_config.json", "tokenizer_config.json", "vocab.json"):
+        shutil.copy(group_model / name, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+        t = CTCTranscriber(ModelSpec(str(tmp_path)), device="cpu")
+    assert not t.batch_invariant and t._norm is None and not t.use_attention_mask
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "data2vec-audio" in warnings[0] and "not batch-invariant" in warnings[0]
+    ref = Reference(tmp_path)
+    wave = _utterances(5, 3)[0]
+    assert t.transcribe([wave]) == [ref(wave)]  # one row alone is still the reference
+
+
+def test_a_second_group_norm_model_is_exact_too(tmp_path):
+    """A different seed, so invariance is not a property of one set of weights."""
+    model_dir = make_ctc_model(tmp_path / "m", norm="group", seed=7)
+    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu")
+    ref = Reference(model_dir)
+    batch = _utterances(9, 6)
+    assert t.transcribe(batch) == [ref(w) for w in batch]
