@@ -75,6 +75,9 @@ class InferenceConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast dtype of the forward pass: bf16 on CPUs with AVX-512 bf16/AMX and on GPUs, fp16 on
+    # GPUs only. The batch-invariance probe always runs in fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)
 
@@ -84,6 +87,11 @@ class InferenceConfig(_Section):
             raise ValueError(
                 f"inference.max_replicas = {self.max_replicas}: must be >= inference.min_replicas "
                 f"({self.min_replicas})"
+            )
+        if self.precision == "fp16" and self.gpus_per_replica == 0:
+            raise ValueError(
+                "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0); "
+                "use bf16 on CPUs"
             )
         if self.device == "cuda" and self.gpus_per_replica == 0:
             raise ValueError(

@@ -91,6 +91,7 @@ def metadata(p: Plan) -> dict[str, Any]:
     return {
         "model": p.spec.name,
         "model_revision": p.spec.revision,
+        "precision": p.cfg.inference.precision,
         "corpus_transcribe": pipeline.__version__,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -157,6 +158,7 @@ def build_dataset(p: Plan) -> ray.data.Dataset:
             "max_batch_samples": inf.max_batch_samples,
             "device": inf.device,
             "threads": cfg.threads_per_replica,
+            "precision": inf.precision,
             "metadata": metadata(p),
         },
         compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),

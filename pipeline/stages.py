@@ -87,9 +87,10 @@ class TranscribeStage:
         max_batch_samples: int,
         device: str = "auto",
         threads: int | None = None,
+        precision: str = "fp32",
         metadata: dict | None = None,
     ):
-        self.transcriber = CTCTranscriber(spec, device=device, threads=threads)
+        self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision)
         self.model_name = spec.name
         self.max_batch_samples = max_batch_samples
         self.schema = S.output_schema(metadata or {})
