@@ -19,9 +19,9 @@ from pipeline.engine import read_output, run_job
 
 HELDOUT = Path(bundled.input_path("@heldout"))
 # Thresholds set from the measured figures (printed by the tests; see TRAINING.md) plus a margin.
-MAX_CER_16K, MAX_WER_16K = 0.12, 0.45
-MAX_CER_CONVERTED_VS_ORIGINAL = 0.06
-MAX_BF16_CER_VS_FP32 = 0.03
+MAX_CER_16K, MAX_WER_16K = 0.10, 0.40  # measured 7.19%, 31.46%
+MAX_CER_CONVERTED_VS_ORIGINAL = 0.06  # measured 4.58% (8 kHz), 0-1.53% (others)
+MAX_BF16_CER_VS_FP32 = 0.03  # measured 0 of 40 changed (3 with the stage-1 model)
 
 
 def run(ray_cluster, manifest: Path, out: Path, *overrides: str) -> dict[str, dict]:
