@@ -75,7 +75,7 @@ class ValidFramesGroupNorm(torch.nn.Module):
     padded frames shift the mean and variance, so a row's logits depend on what it was batched
     with (transformers #18501). Set :attr:`frames` (valid frames per row) before a batched forward;
     with ``frames = None`` it is the wrapped layer, unchanged. Written by hand because torch has no
-    masked group norm; two-pass mean/variance in fp32, as ``nn.GroupNorm``.
+    masked group norm; statistics in fp32, as ``nn.GroupNorm``.
     """
 
     def __init__(self, norm: torch.nn.GroupNorm):
@@ -86,25 +86,32 @@ class ValidFramesGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frames is None:
             return self.norm(x)
-        x = x.float()  # statistics in fp32 under autocast too, as autocast runs group_norm
-        batch, channels, time = x.shape
+        batch, channels, _ = x.shape
         groups = self.norm.num_groups
-        valid = (torch.arange(time, device=x.device) < self.frames.to(x.device)[:, None]).to(x.dtype)
-        valid = valid[:, None, None, :]  # (B, 1, 1, T)
-        g = x.reshape(batch, groups, channels // groups, time)
-        count = valid.sum(-1, keepdim=True) * (channels // groups)
-        mean = (g * valid).sum((-2, -1), keepdim=True) / count
-        var = (((g - mean) * valid) ** 2).sum((-2, -1), keepdim=True) / count
-        y = ((g - mean) * torch.rsqrt(var + self.norm.eps)).reshape(batch, channels, time)
+        # Statistics row by row on the valid slice (one fused var_mean each), then a single fused
+        # pass for the affine map: masking the whole padded tensor cost ~25% of a bf16 forward.
+        means, rstds = [], []
+        for row, n in enumerate(self.frames.tolist()):
+            # fp32 statistics under autocast too (as autocast runs group_norm); the copy is the
+            # valid slice only.
+            var, mean = torch.var_mean(x[row, :, :n].reshape(groups, -1).float(), dim=1, correction=0)
+            means.append(mean)
+            rstds.append(torch.rsqrt(var + self.norm.eps))
+        per_channel = channels // groups
+        mean = torch.stack(means).repeat_interleave(per_channel, dim=1)[:, :, None]  # (B, C, 1)
+        scale = torch.stack(rstds).repeat_interleave(per_channel, dim=1)[:, :, None]
         if self.norm.affine:
-            y = y * self.norm.weight[None, :, None] + self.norm.bias[None, :, None]
-        return y
+            scale = scale * self.norm.weight[None, :, None]
+            shift = self.norm.bias[None, :, None] - mean * scale
+        else:
+            shift = -mean * scale
+        return torch.addcmul(shift, x, scale)  # fp32 out, promoted from bf16/fp16 x
 
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _positional_conv_in_fp32(model) -> None:
+def positional_conv_in_fp32(model) -> None:
     """Run the encoder's positional conv outside autocast.
 
     On this torch build's CPU kernels a grouped conv1d with a long kernel (wav2vec2's positional
@@ -157,7 +164,7 @@ class CTCTranscriber:
         self.model.to(self.device).eval()
         self.autocast = PRECISIONS[precision]
         if self.autocast is not None and self.device.type == "cpu":
-            _positional_conv_in_fp32(self.model)
+            positional_conv_in_fp32(self.model)
         config = self.model.config
         self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]

@@ -1,0 +1,199 @@
+"""Benchmark: this job against the seed's code path, the transformers ASR pipeline and the bare model.
+
+    python -m jobs.benchmark --minutes 10 --precision bf16 --json out/benchmark.json
+
+In one process, on one corpus (durations spread 2-35 s like LibriSpeech), it times and prints
+audio-seconds per second for:
+
+1. seed: the seed notebook's code path, processor on batches of 2 in manifest order, fp32, argmax,
+   ``batch_decode`` (soundfile decode included);
+2. hf-pipeline: ``transformers.pipeline("automatic-speech-recognition", batch_size=8)`` on the
+   decoded arrays (soundfile decode included);
+3. bare-forward: the model's forward alone on pre-decoded, normalised, length-sorted, pre-padded
+   tensors at the job's precision and batch budget: the ceiling for this model on this machine;
+4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
+
+It prints the ratios job/seed, job/hf-pipeline and job/bare-forward and the job's padding waste,
+and writes them as JSON. The model is the full wav2vec2-base architecture: ``--model DIR`` for a
+local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
+depend on the weights). Audio is noise plus chirps: speed does not depend on the content either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from pipeline import bundled
+from pipeline.audio import normalize
+from pipeline.batching import plan_batches
+from pipeline.config import load_config
+from pipeline.engine import run_job
+from pipeline.model import PRECISIONS, positional_conv_in_fp32
+
+RATE = 16_000
+
+
+def make_corpus(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
+    """FLAC files totalling ``minutes``, durations 2-35 s, skewed short like LibriSpeech's."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, total = [], 0.0
+    while total < minutes * 60:
+        duration = float(np.clip(2.0 + rng.gamma(2.0, 4.0), 2.0, 35.0))
+        t = np.arange(int(duration * RATE)) / RATE
+        wave = 0.3 * np.sin(2 * np.pi * (rng.uniform(100, 400) + 150 * t) * t) + 0.05 * rng.standard_normal(t.size)
+        path = folder / f"utt{len(paths):04d}.flac"
+        sf.write(path, wave.astype(np.float32), RATE)
+        paths.append(path)
+        total += duration
+    return paths
+
+
+def base_model_folder(folder: Path, model: str | None) -> str:
+    """``model`` if given, else wav2vec2-base's architecture with random weights and the demo
+    model's processor (base-960h's vocabulary and feature extractor), saved like a hub model."""
+    if model:
+        return model
+    from transformers import AutoProcessor, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=32, pad_token_id=0, architectures=["Wav2Vec2ForCTC"])
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    AutoProcessor.from_pretrained(bundled.model_path("@demo")).save_pretrained(folder)
+    return str(folder)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def seed_path(model_dir: str, paths: list[Path]) -> None:
+    from transformers import AutoModelForCTC, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForCTC.from_pretrained(model_dir).eval()
+    for i in range(0, len(paths), 2):
+        audio = [sf.read(p, dtype="float32")[0] for p in paths[i : i + 2]]
+        inputs = processor(audio, sampling_rate=RATE, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(inputs.input_values).logits
+        processor.batch_decode(torch.argmax(logits, dim=-1))
+
+
+def hf_pipeline(model_dir: str, paths: list[Path]) -> None:
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
+    inputs = ({"raw": sf.read(p, dtype="float32")[0], "sampling_rate": RATE} for p in paths)
+    for _ in asr(inputs, batch_size=8):
+        pass
+
+
+def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int) -> float:
+    """Seconds spent in the forward passes alone (tensors built beforehand)."""
+    waves = [normalize(sf.read(p, dtype="float32")[0]) for p in paths]
+    batches = []
+    for rows in plan_batches([len(w) for w in waves], budget):
+        width = len(waves[rows[0]])
+        batch = torch.zeros(len(rows), width)
+        for r, i in enumerate(rows):
+            batch[r, : len(waves[i])] = torch.from_numpy(waves[i])
+        batches.append(batch)
+    from transformers import AutoModelForCTC
+
+    model = AutoModelForCTC.from_pretrained(model_dir).eval()
+    dtype = PRECISIONS[precision]
+    if dtype is not None:
+        positional_conv_in_fp32(model)  # as the job's replicas do (see pipeline.model)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        model(batches[-1])  # warm-up on the shortest batch
+        start = time.perf_counter()
+        for batch in batches:
+            model(batch).logits.argmax(-1)
+    return time.perf_counter() - start
+
+
+def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
+    cfg = load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
+        "input.path": str(manifest_dir), "output.path": str(out), "model.name": model_dir,
+        "inference.precision": precision})
+    return run_job(cfg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0, help="audio in the corpus (default 10)")
+    ap.add_argument("--model", help="local CTC checkpoint; default: wav2vec2-base config, random weights")
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="the job's and bare-forward's")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for 1-3")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline"], help="leave out slow peers")
+    ap.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                    help="job config overrides (default: one replica with --threads torch threads, "
+                         "so it computes on as many cores as 1-3; decode tasks share them)")
+    ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
+    args = ap.parse_args(argv)
+    if args.overrides is None:
+        args.overrides = [f"inference.torch_threads={args.threads}", f"ray.num_cpus={args.threads}"]
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_corpus(tmp / "corpus", args.minutes)
+        audio_s = sum(sf.info(p).duration for p in paths)
+        model_dir = base_model_folder(tmp / "model", args.model)
+        budget = load_config(overrides=args.overrides).inference.max_batch_samples
+        seconds: dict[str, list[float]] = {}
+        summaries = []
+        for _ in range(args.repeats):
+            if "seed" not in args.skip:
+                seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths)))
+            if "hf-pipeline" not in args.skip:
+                seconds.setdefault("hf-pipeline", []).append(timed(lambda: hf_pipeline(model_dir, paths)))
+            seconds.setdefault("bare-forward", []).append(bare_forward(model_dir, paths, args.precision, budget))
+            summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
+            summaries.append(summary)
+            seconds.setdefault("job", []).append(summary["wall_s"])
+
+    speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
+    ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
+    result = {
+        "audio_s": round(audio_s, 1), "files": len(paths), "precision": args.precision,
+        "model": args.model or "wav2vec2-base config, random weights",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "audio_s_per_s": {k: round(v, 2) for k, v in speed.items()},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
+        "seconds": seconds,
+    }
+    print(f"\n{len(paths)} files, {audio_s / 60:.1f} min of audio, {result['model']}, job precision "
+          f"{args.precision}, {result['machine']}")
+    print(f"{'path':14s} {'audio s/s':>10s}")
+    for name, value in speed.items():
+        print(f"{name:14s} {value:10.2f}")
+    for name, value in ratios.items():
+        print(f"{name:18s} {value:6.2f}x")
+    print(f"job padding waste {result['padding_waste']:.2%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
