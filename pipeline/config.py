@@ -80,6 +80,7 @@ class InferenceConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)
+    max_padding_waste: float = Field(0.05, ge=0)  # per batch: padded / real samples - 1
 
     @model_validator(mode="after")
     def _check_pool(self) -> InferenceConfig:

@@ -156,6 +156,7 @@ def build_dataset(p: Plan) -> ray.data.Dataset:
         fn_constructor_kwargs={
             "spec": p.spec,
             "max_batch_samples": inf.max_batch_samples,
+            "max_padding_waste": inf.max_padding_waste,
             "device": inf.device,
             "threads": cfg.threads_per_replica,
             "precision": inf.precision,

@@ -85,6 +85,7 @@ class TranscribeStage:
         self,
         spec: ModelSpec,
         max_batch_samples: int,
+        max_padding_waste: float = 0.05,
         device: str = "auto",
         threads: int | None = None,
         precision: str = "fp32",
@@ -93,6 +94,7 @@ class TranscribeStage:
         self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision)
         self.model_name = spec.name
         self.max_batch_samples = max_batch_samples
+        self.max_padding_waste = max_padding_waste
         self.schema = S.output_schema(metadata or {})
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -118,7 +120,8 @@ class TranscribeStage:
             else:
                 todo.append(i)
 
-        for batch in plan_batches([len(waves[i]) for i in todo], self.max_batch_samples):
+        for batch in plan_batches([len(waves[i]) for i in todo], self.max_batch_samples,
+                                  self.max_padding_waste):
             for i, text, padded_len in self._run([todo[b] for b in batch], waves, paths, fail):
                 transcripts[i], padded[i] = text, padded_len
 
