@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.audio import normalize
 from pipeline.synth import require_espeak, synthesize
 
 SAMPLE_RATE = 16_000
@@ -315,12 +316,6 @@ def count_parameters(model) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def normalize_audio(x: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance, as ``Wav2Vec2FeatureExtractor`` does for one utterance."""
-    x = x.astype(np.float32)
-    return (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-
-
 def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Speed perturbation, band limiting (8 kHz round trip), silence padding and noise."""
     import soxr
@@ -361,7 +356,7 @@ def collate(audios: Sequence[np.ndarray], texts: Sequence[str], rng: np.random.G
     """Normalise each utterance alone, then zero-pad (no attention mask); labels padded with -100."""
     import torch
 
-    xs = [normalize_audio(augment(a, rng) if train else a) for a in audios]
+    xs = [normalize(augment(a, rng) if train else a) for a in audios]
     width = max(len(x) for x in xs)
     if train and rng.random() < extra_pad_prob:
         width += int(rng.integers(0, SAMPLE_RATE // 2))
@@ -418,7 +413,7 @@ def greedy_transcribe(model, audios: Sequence[np.ndarray]) -> list[str]:
     texts = []
     with torch.inference_mode():
         for a in audios:
-            x = normalize_audio(a.astype(np.float32) / (32768.0 if a.dtype == np.int16 else 1.0))
+            x = normalize(a.astype(np.float32) / (32768.0 if a.dtype == np.int16 else 1.0))
             ids = model(torch.from_numpy(x)[None]).logits[0].argmax(-1).tolist()
             chars, prev = [], None
             for i in ids:

@@ -16,13 +16,7 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
-# facebook/wav2vec2-base-960h's vocabulary, id for id.
-BASE_960H_VOCAB = {
-    "<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5, "T": 6, "A": 7, "O": 8, "N": 9,
-    "I": 10, "H": 11, "S": 12, "R": 13, "D": 14, "L": 15, "U": 16, "M": 17, "W": 18, "C": 19,
-    "F": 20, "G": 21, "Y": 22, "P": 23, "B": 24, "V": 25, "K": 26, "'": 27, "X": 28, "J": 29,
-    "Q": 30, "Z": 31,
-}
+from pipeline.demo_model import VOCAB as BASE_960H_VOCAB  # base-960h's vocabulary, id for id
 
 
 def make_ctc_model(folder: Path, norm: str = "group", seed: int = 0) -> Path:
