@@ -44,9 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache for the synthesised audio (never the repository)")
     t.add_argument("--processes", type=int, default=2, help="espeak-ng synthesis workers")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    t.add_argument("--device", default="cpu", help="torch device to train on: cpu (default), cuda")
+    t.add_argument("--loader-workers", type=int, default=0,
+                   help="processes that augment and collate batches ahead of the step (0: in line)")
+    t.add_argument("--extended-voices", action="store_true",
+                   help="also train on demo_model.EXTRA_TRAIN_VARIANTS (more voice variety)")
     precision = t.add_mutually_exclusive_group()
     precision.add_argument("--bf16", dest="bf16", action="store_true",
-                           help="bf16 autocast: faster per step, but it stalled CTC training here")
+                           help="bf16 autocast (on CPU with the positional conv in fp32): faster per "
+                                "step; before that fix it stalled CTC training here")
     precision.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 (default)")
     t.add_argument("--eval-every", type=int, default=1000)
     t.add_argument("--log-every", type=int, default=50)
@@ -89,17 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
         num_dev=args.num_dev, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, curriculum_steps=args.curriculum_steps, seed=args.seed,
         workdir=args.workdir,
-        processes=args.processes, threads=args.threads, bf16=args.bf16,
+        processes=args.processes, threads=args.threads, bf16=args.bf16, device=args.device,
+        loader_workers=args.loader_workers, extended_voices=args.extended_voices,
         eval_every=args.eval_every, log_every=args.log_every, size=size,
         init_from=args.init_from,
     )
     if args.synth_only:
-        demo_model.synthesize_corpus(
-            demo_model.sample_training_specs(
-                settings.num_utterances, settings.seed,
-                exclude={s.text for s in demo_model.sample_heldout_specs(
-                    settings.num_dev, settings.seed + 1_000_003)}),
-            settings.processes, settings.workdir)
+        demo_model.synthesize_corpus(demo_model.training_specs(settings), settings.processes,
+                                     settings.workdir)
         return {}
     summary = demo_model.train(settings, log=lambda m: print(m, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "settings")}))

@@ -89,6 +89,14 @@ TRAIN_VARIANTS: tuple[str, ...] = (
     "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael", "Mike", "adam", "anika", "antonio",
     "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "grandma", "iven",
 )  # fmt: skip
+# More natural-sounding variants, used with ``TrainSettings.extended_voices`` (stage 3 on): voice
+# variety is what the unseen held-out voices lack. The held-out variants' siblings (steph2, steph3)
+# and the robotic, whispering and novelty variants are left out.
+EXTRA_TRAIN_VARIANTS: tuple[str, ...] = (
+    "Gene2", "edward2", "iven2", "iven3", "iven4", "john", "klatt6", "m8", "marcelo", "max",
+    "michel", "miguel", "norbert", "pablo", "pedro", "quincy", "rob", "robert", "sandro", "shelby",
+    "travis", "victor", "zac", "gustave", "grandpa",
+)  # fmt: skip
 # (voice, seen in training?) -- languages en-us-nyc and en-gb-x-gbcwmd and variants m7, f5,
 # klatt4, linda, paul, steph are never used for training.
 HELDOUT_VOICES: tuple[tuple[str, bool], ...] = (
@@ -139,7 +147,8 @@ def sample_sentence(rng: random.Random, words: Sequence[str] = WORDS, min_words:
     return normalize_text(" ".join(rng.choice(words) for _ in range(n)))
 
 
-def sample_training_specs(n: int, seed: int, exclude: Iterable[str] = ()) -> list[UtteranceSpec]:
+def sample_training_specs(n: int, seed: int, exclude: Iterable[str] = (),
+                          variants: Sequence[str] = TRAIN_VARIANTS) -> list[UtteranceSpec]:
     """``n`` training utterances: random sentences, language+variant voices, speeds and pitches."""
     rng = random.Random(seed)
     excluded = set(exclude)
@@ -148,7 +157,7 @@ def sample_training_specs(n: int, seed: int, exclude: Iterable[str] = ()) -> lis
         text = sample_sentence(rng)
         if text in excluded:
             continue
-        variant = rng.choice(TRAIN_VARIANTS)
+        variant = rng.choice(variants)
         voice = rng.choice(TRAIN_LANGUAGES) + (f"+{variant}" if variant else "")
         specs.append(UtteranceSpec(text, voice, rng.randint(120, 230), rng.randint(15, 85)))
     return specs
@@ -338,7 +347,7 @@ def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
                    shortest_first: int = 0) -> list[list[int]]:
-    """Batches of similar length (little padding), jittered each call, consumed with ``pop()``.
+    """One epoch of batches of similar length (little padding), jittered each call, in training order.
 
     The order is random, except that the ``shortest_first`` batches of the shortest utterances
     come first, shortest to longest (SortaGrad): CTC leaves its all-blank plateau much sooner on
@@ -348,7 +357,16 @@ def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     head, rest = batches[:shortest_first], batches[shortest_first:]
     rng.shuffle(rest)
-    return rest + head[::-1]  # pop() takes from the end
+    return head + rest[::-1]
+
+
+def plan_training(lengths: Sequence[int], batch_size: int, steps: int, rng: random.Random,
+                  curriculum_steps: int) -> list[list[int]]:
+    """The batch of every step, epoch after epoch (the curriculum in the first epoch only)."""
+    plan: list[list[int]] = []
+    while len(plan) < steps:
+        plan += length_batches(lengths, batch_size, rng, curriculum_steps if not plan else 0)
+    return plan[:steps]
 
 
 def collate(audios: Sequence[np.ndarray], texts: Sequence[str], rng: np.random.Generator,
@@ -389,9 +407,13 @@ class TrainSettings:
     workdir: Path = Path(tempfile.gettempdir()) / "demo-wav2vec2-work"
     processes: int = 2
     threads: int | None = None
-    # bf16 autocast is ~1.5x faster per step on this CPU but, measured on a toy set, kept the
+    # bf16 autocast is ~1.5x faster per step on this CPU but, measured on a toy set before the
+    # positional conv was kept in fp32 (see ``pipeline.model.positional_conv_in_fp32``), kept the
     # model on the all-blank CTC plateau where fp32 left it within 200 steps: off by default.
     bf16: bool = False
+    device: str = "cpu"  # "cuda": train on the GPU (fp32 with TF32 matmuls unless bf16)
+    loader_workers: int = 0  # processes that augment and collate batches ahead of the step
+    extended_voices: bool = False  # also train on EXTRA_TRAIN_VARIANTS
     eval_every: int = 1000
     log_every: int = 50
     size: ModelSize = field(default_factory=ModelSize)
@@ -410,11 +432,12 @@ def greedy_transcribe(model, audios: Sequence[np.ndarray]) -> list[str]:
     import torch
 
     inv = {i: c for c, i in VOCAB.items()}
+    device = next(model.parameters()).device
     texts = []
     with torch.inference_mode():
         for a in audios:
             x = normalize(a.astype(np.float32) / (32768.0 if a.dtype == np.int16 else 1.0))
-            ids = model(torch.from_numpy(x)[None]).logits[0].argmax(-1).tolist()
+            ids = model(torch.from_numpy(x)[None].to(device)).logits[0].argmax(-1).tolist()
             chars, prev = [], None
             for i in ids:
                 if i != prev and i != VOCAB["<pad>"]:
@@ -438,15 +461,53 @@ def save_model(model, processor, out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def dev_specs_for(settings: TrainSettings) -> list[UtteranceSpec]:
+    """The dev sentences of a training run (held-out voices; seeded apart from training's)."""
+    return sample_heldout_specs(settings.num_dev, seed=settings.seed + 1_000_003)
+
+
+def training_specs(settings: TrainSettings) -> list[UtteranceSpec]:
+    """The training utterances of a run: none shares its text with a dev sentence."""
+    variants = TRAIN_VARIANTS + EXTRA_TRAIN_VARIANTS if settings.extended_voices else TRAIN_VARIANTS
+    return sample_training_specs(settings.num_utterances, seed=settings.seed,
+                                 exclude={s.text for s in dev_specs_for(settings)}, variants=variants)
+
+
+class TrainingBatches:
+    """Map-style dataset whose item ``step`` is the augmented, collated batch of that step.
+
+    Each step draws from its own seeded generator, so the batches are the same whatever the number
+    of loader workers (``torch.utils.data.DataLoader`` forks them; the corpus is shared, not copied).
+    """
+
+    def __init__(self, corpus: Corpus, plan: list[list[int]], seed: int):
+        self.corpus, self.plan, self.seed = corpus, plan, seed
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int):
+        idx = self.plan[step]
+        return collate([self.corpus.audio[i].astype(np.float32) / 32768.0 for i in idx],
+                       [self.corpus.texts[i] for i in idx], np.random.default_rng([self.seed, step]),
+                       train=True)
+
+
 def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     """Synthesise (or load cached) data, train, evaluate on held-out voices, save the best model.
 
     Returns a summary dict (also written to ``<out>/training_summary.json``).
     """
     import torch
+    from torch.utils.data import DataLoader
     from transformers import Wav2Vec2ForCTC
 
+    from pipeline.model import positional_conv_in_fp32
+
     start = time.monotonic()
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.set_flush_denormal(True)  # denormal floats are very slow on x86 CPUs
@@ -454,10 +515,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
-    dev_specs = sample_heldout_specs(settings.num_dev, seed=settings.seed + 1_000_003)
-    train_specs = sample_training_specs(settings.num_utterances, seed=settings.seed,
-                                        exclude={s.text for s in dev_specs})
-    data = synthesize_corpus(train_specs, settings.processes, settings.workdir, log)
+    dev_specs = dev_specs_for(settings)
+    data = synthesize_corpus(training_specs(settings), settings.processes, settings.workdir, log)
     dev = synthesize_corpus(dev_specs, settings.processes, settings.workdir, log)
     synth_s = time.monotonic() - start
 
@@ -467,6 +526,9 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
         log(f"continuing from {settings.init_from}")
     else:
         model = Wav2Vec2ForCTC(build_config(settings.size))
+    model.to(device)
+    if settings.bf16 and device.type == "cpu":
+        positional_conv_in_fp32(model)
     n_params = count_parameters(model)
     log(f"model: {n_params:,} parameters; data {data.hours():.2f} h, {len(data)} utterances")
 
@@ -477,15 +539,20 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
          {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr, betas=(0.9, 0.98), eps=1e-8,
     )
-    py_rng = random.Random(settings.seed)
-    np_rng = np.random.default_rng(settings.seed)
-    lengths = [len(a) for a in data.audio]
-    batches: list[list[int]] = []
+    plan = plan_training([len(a) for a in data.audio], settings.batch_size, settings.steps,
+                         random.Random(settings.seed), settings.curriculum_steps)
+    loader = DataLoader(
+        TrainingBatches(data, plan, settings.seed), batch_size=None, shuffle=False,
+        num_workers=settings.loader_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=8 if settings.loader_workers else None,
+        multiprocessing_context="fork" if settings.loader_workers else None,
+    )
+    batches_per_epoch = math.ceil(len(data) / settings.batch_size)
     history: list[dict] = []
     best_cer = math.inf
     train_start = time.monotonic()
     deadline = train_start + settings.minutes * 60 if settings.minutes else None
-    step, loss_sum, loss_n, epoch = 0, 0.0, 0, 0
+    step, loss_sum, loss_n = 0, 0.0, 0
     last_loss = math.nan
 
     def evaluate(step: int) -> float:
@@ -508,7 +575,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
         return cer
 
     model.train()
-    while True:
+    for inputs, labels in loader:
         elapsed = time.monotonic() - train_start
         # The schedule follows steps; with --minutes it follows whichever budget runs out first.
         progress = step / settings.steps
@@ -516,16 +583,11 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
             progress = max(progress, elapsed / (settings.minutes * 60))
         if progress >= 1.0:
             break
-        if not batches:
-            batches = length_batches(lengths, settings.batch_size, py_rng,
-                                     settings.curriculum_steps if epoch == 0 else 0)
-            epoch += 1
-        idx = batches.pop()
-        inputs, labels = collate([data.audio[i].astype(np.float32) / 32768.0 for i in idx],
-                                 [data.texts[i] for i in idx], np_rng, train=True)
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         for group in opt.param_groups:
             group["lr"] = settings.lr * _lr_factor(progress, step, settings.warmup_steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
             loss = model(inputs, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -535,7 +597,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
         last_loss = float(loss.detach())
         loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
         if step % settings.log_every == 0:
-            log(f"step {step} epoch {epoch} loss {loss_sum / loss_n:.4f} "
+            log(f"step {step} epoch {step / batches_per_epoch:.2f} loss {loss_sum / loss_n:.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {(time.monotonic() - train_start) / 60:.1f} min")
             loss_sum, loss_n = 0.0, 0
         if settings.eval_every and step % settings.eval_every == 0:
@@ -545,7 +607,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     summary = {
         "parameters": n_params,
         "steps": step,
-        "epochs": epoch,
+        "epochs": round(step / batches_per_epoch, 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_loss": last_loss,
         "best_dev_cer": best_cer,
         "train_hours": round(data.hours(), 3),
