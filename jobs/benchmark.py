@@ -82,30 +82,32 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def seed_path(model_dir: str, paths: list[Path]) -> None:
+def seed_path(model_dir: str, paths: list[Path], device: str) -> None:
     from transformers import AutoModelForCTC, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForCTC.from_pretrained(model_dir).eval()
+    model = AutoModelForCTC.from_pretrained(model_dir).to(device).eval()
     for i in range(0, len(paths), 2):
         audio = [sf.read(p, dtype="float32")[0] for p in paths[i : i + 2]]
         inputs = processor(audio, sampling_rate=RATE, padding=True, return_tensors="pt")
         with torch.no_grad():
-            logits = model(inputs.input_values).logits
+            logits = model(inputs.input_values.to(device)).logits
         processor.batch_decode(torch.argmax(logits, dim=-1))
 
 
-def hf_pipeline(model_dir: str, paths: list[Path]) -> None:
+def hf_pipeline(model_dir: str, paths: list[Path], device: str) -> None:
     from transformers import pipeline
 
-    asr = pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
+    asr = pipeline("automatic-speech-recognition", model=model_dir, device=device)
     inputs = ({"raw": sf.read(p, dtype="float32")[0], "sampling_rate": RATE} for p in paths)
     for _ in asr(inputs, batch_size=8):
         pass
 
 
-def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int, max_waste: float) -> tuple[float, float]:
-    """Seconds spent in the forward passes alone (tensors built beforehand), and padding waste."""
+def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int, max_waste: float,
+                 device: str) -> tuple[float, float]:
+    """Seconds spent in the forward passes alone (tensors built beforehand, already on ``device``),
+    and padding waste."""
     waves = [normalize(sf.read(p, dtype="float32")[0]) for p in paths]
     batches = []
     for rows in plan_batches([len(w) for w in waves], budget, max_waste):
@@ -113,18 +115,21 @@ def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int,
         batch = torch.zeros(len(rows), width)
         for r, i in enumerate(rows):
             batch[r, : len(waves[i])] = torch.from_numpy(waves[i])
-        batches.append(batch)
+        batches.append(batch.to(device))
     from transformers import AutoModelForCTC
 
-    model = AutoModelForCTC.from_pretrained(model_dir).eval()
+    model = AutoModelForCTC.from_pretrained(model_dir).to(device).eval()
     dtype = PRECISIONS[precision]
-    if dtype is not None:
-        positional_conv_in_fp32(model)  # as the job's replicas do (see pipeline.model)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    if dtype is not None and device == "cpu":
+        positional_conv_in_fp32(model)  # as the job's CPU replicas do (see pipeline.model)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch
+        sync()
         start = time.perf_counter()
         for batch in batches:
-            model(batch).logits.argmax(-1)
+            model(batch).logits.argmax(-1).cpu()
+        sync()
     seconds = time.perf_counter() - start
     real = sum(len(w) for w in waves)
     return seconds, sum(b.numel() for b in batches) / real - 1
@@ -142,16 +147,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--minutes", type=float, default=10.0, help="audio in the corpus (default 10)")
     ap.add_argument("--model", help="local CTC checkpoint; default: wav2vec2-base config, random weights")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="the job's and bare-forward's")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where 1-3 run; with cuda the job gets one GPU replica (inference.gpus_per_replica=1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for 1-3")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
     ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline"], help="leave out slow peers")
     ap.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                    help="job config overrides (default: one replica with --threads torch threads, "
-                         "so it computes on as many cores as 1-3; decode tasks share them)")
+                    help="job config overrides, added to the defaults (CPU: one replica with --threads "
+                         "torch threads, so it computes on as many cores as 1-3, decode tasks sharing "
+                         "them; cuda: one GPU replica, the CPUs for decode tasks)")
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
     args = ap.parse_args(argv)
-    if args.overrides is None:
-        args.overrides = [f"inference.torch_threads={args.threads}", f"ray.num_cpus={args.threads}"]
+    defaults = [f"ray.num_cpus={args.threads}"] + (
+        ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
+        if args.device == "cuda" else [f"inference.torch_threads={args.threads}"])
+    args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
@@ -165,11 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
         summaries = []
         for _ in range(args.repeats):
             if "seed" not in args.skip:
-                seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths)))
+                seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths, args.device)))
             if "hf-pipeline" not in args.skip:
-                seconds.setdefault("hf-pipeline", []).append(timed(lambda: hf_pipeline(model_dir, paths)))
+                seconds.setdefault("hf-pipeline", []).append(
+                    timed(lambda: hf_pipeline(model_dir, paths, args.device)))
             bare_s, bare_waste = bare_forward(model_dir, paths, args.precision, inference.max_batch_samples,
-                                                 inference.max_padding_waste)
+                                              inference.max_padding_waste, args.device)
             seconds.setdefault("bare-forward", []).append(bare_s)
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
@@ -180,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "audio_s": round(audio_s, 1), "files": len(paths), "precision": args.precision,
         "model": args.model or "wav2vec2-base config, random weights",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "device": args.device, "overrides": args.overrides,
         "audio_s_per_s": {k: round(v, 2) for k, v in speed.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),

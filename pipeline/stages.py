@@ -7,6 +7,7 @@ and passes through the later stages untouched, so every input row reaches the ou
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,9 @@ import pyarrow as pa
 from pipeline import schema as S
 from pipeline.audio import AudioError, decode
 from pipeline.batching import plan_batches
-from pipeline.model import CTCTranscriber, ModelSpec
+
+if TYPE_CHECKING:
+    from pipeline.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,10 @@ class TranscribeStage:
         precision: str = "fp32",
         metadata: dict | None = None,
     ):
+        # Imported here, not at the top: torch + transformers take seconds to import, and every
+        # decode worker unpickles this module without needing them.
+        from pipeline.model import CTCTranscriber
+
         self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision)
         self.model_name = spec.name
         self.max_batch_samples = max_batch_samples

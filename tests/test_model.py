@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,18 +109,37 @@ def test_a_second_group_norm_model_is_exact_too(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_gpu_replica_is_batch_invariant_and_agrees_with_the_cpu_reference(group_model, precision):
-    """Run on a GPU machine: ``python -m pytest -m gpu``."""
+def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(group_model):
+    """Run on a GPU machine: ``python -m pytest -m gpu``. Random weights: every frame is a near-tie,
+    so this checks exactness in fp32 only (passed on an NVIDIA H200, torch 2.11 + CUDA 13)."""
     if not torch.cuda.is_available():
         pytest.fail("marked gpu, but torch sees no CUDA device")
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision=precision)
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision="fp32")
     assert t.device.type == "cuda" and t.batch_invariant
     ref = Reference(group_model)
     batch = _utterances(11, 8)
-    texts = t.transcribe(batch)
-    expected = [ref(w) for w in batch]
-    if precision == "fp32":
-        assert texts == expected
-    else:  # reduced precision may flip a near-tie frame; most rows must still agree exactly
-        assert sum(a == b for a, b in zip(texts, expected, strict=True)) >= len(batch) - 2
+    assert t.transcribe(batch) == [ref(w) for w in batch]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_reduced_precision_matches_cpu_fp32_on_the_demo_model(precision):
+    """bf16/fp16 on a GPU against fp32 on the CPU, with the trained demo model (random weights flip
+    near-tie frames in any reduced precision: 3 of 8 transcripts changed in bf16 on an H200)."""
+    if not torch.cuda.is_available():
+        pytest.fail("marked gpu, but torch sees no CUDA device")
+    from pipeline import demo_model
+    from pipeline.bundled import input_path, model_path
+
+    manifest = Path(input_path("@heldout"))
+    rows = [r for r in demo_model.read_manifest(manifest) if r["condition"] == "16k"]
+    waves = [normalize(demo_model.load_for_reference(manifest.parent / r["path"])) for r in rows]
+    gpu = CTCTranscriber(ModelSpec(model_path("@demo")), device="cuda", precision=precision)
+    cpu = CTCTranscriber(ModelSpec(model_path("@demo")), device="cpu", precision="fp32")
+    assert gpu.batch_invariant
+    got, expected = gpu.transcribe(waves), cpu.transcribe(waves)
+    cer, _ = demo_model.error_rates(expected, got)
+    changed = sum(a != b for a, b in zip(got, expected, strict=True))
+    print(f"{precision} on {torch.cuda.get_device_name()} vs fp32 on the CPU: {changed} of {len(rows)} "
+          f"transcripts change, CER between them {cer:.2%}")
+    assert cer <= 0.01, list(zip(expected, got))
