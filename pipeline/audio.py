@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,14 @@ class AudioError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):  # pickles across the isolated decoder's pipe with its kind
+        return (AudioError, (self.kind, str(self)))
+
+
+# Headers beyond these are corrupt or hostile: they would size buffers from a lie.
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -54,15 +63,55 @@ def normalize(audio: np.ndarray) -> np.ndarray:
     return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
 
 
-def _open(path: str, data: bytes | None) -> sf.SoundFile:
+def check_file(path: str, max_bytes: float = float("inf")) -> int:
+    """Stat ``path`` before anything opens it; return its size or raise :class:`AudioError`.
+
+    Opening a FIFO would block forever and a symlink loop fails with ELOOP; both, like directories
+    and files over ``max_bytes``, become error rows here instead.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            what = "dangling symlink" if os.path.islink(path) else "no such file"
+            raise AudioError(ErrorKind.NOT_FOUND, f"{path}: {what}") from None
+        what = "symlink loop" if exc.errno == errno.ELOOP else exc.strerror
+        raise AudioError(ErrorKind.UNREADABLE, f"{path}: {what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError(ErrorKind.UNREADABLE, f"{path}: is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError(ErrorKind.UNREADABLE, f"{path}: not a regular file (a FIFO, socket or device)")
+    if st.st_size > max_bytes:
+        raise AudioError(
+            ErrorKind.TOO_LARGE,
+            f"{path}: {st.st_size:,} bytes is larger than audio.max_file_bytes = {max_bytes:,.0f}",
+        )
+    return st.st_size
+
+
+def check_allowed(path: str, roots: tuple[str, ...]) -> None:
+    """Raise ``not_allowed`` unless ``path``, with symlinks and ``..`` resolved, lies under one of
+    ``roots`` (already resolved with ``os.path.realpath``). No roots: every path is allowed."""
+    if not roots:
+        return
+    real = os.path.realpath(path)
+    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise AudioError(
+            ErrorKind.NOT_ALLOWED,
+            f"{path}: resolves to {real}, outside input.allowed_roots ({', '.join(roots)})",
+        )
+
+
+def _open(path: str, data: bytes | None, max_bytes: float) -> sf.SoundFile:
     if data is not None:
+        if len(data) > max_bytes:
+            raise AudioError(
+                ErrorKind.TOO_LARGE,
+                f"{path}: {len(data):,} bytes is larger than audio.max_file_bytes = {max_bytes:,.0f}",
+            )
         source: object = io.BytesIO(data)
     else:
-        if not os.path.exists(path):
-            kind = "dangling symlink" if os.path.islink(path) else "no such file"
-            raise AudioError(ErrorKind.NOT_FOUND, f"{path}: {kind}")
-        if os.path.isdir(path):
-            raise AudioError(ErrorKind.UNREADABLE, f"{path}: is a directory, not an audio file")
+        check_file(path, max_bytes)
         try:
             source = open(path, "rb")  # noqa: SIM115 - SoundFile owns it and closes it
         except OSError as exc:
@@ -81,13 +130,19 @@ def decode(
     target_rate: int = 16_000,
     do_normalize: bool = True,
     max_duration_s: float = float("inf"),
+    max_file_bytes: float = float("inf"),
 ) -> Decoded:
     """Decode ``data`` (if given) or the file at ``path``; raise :class:`AudioError` for a bad row.
 
     ``path`` names the row in error messages even when the bytes come from ``data``.
     """
-    with _open(path, data) as f:
+    with _open(path, data, max_file_bytes) as f:
         info = SourceInfo(f.samplerate, f.channels, f.frames)
+        if not (0 < info.sample_rate <= MAX_SAMPLE_RATE and 0 < info.num_channels <= MAX_CHANNELS):
+            raise AudioError(
+                ErrorKind.DECODE_ERROR,
+                f"{path}: implausible header ({info.sample_rate} Hz, {info.num_channels} channels)",
+            )
         # The header's length is checked before any sample is read: a corrupt header can claim
         # billions of frames, and reading it blindly would try to allocate all of them.
         if info.duration_s > max_duration_s:

@@ -31,6 +31,9 @@ class InputConfig(_Section):
     hf_split: str | None = None
     hf_config: str | None = None
     audio_column: str = "audio"
+    # Manifest paths must resolve (symlinks and ".." included) inside one of these folders; a row
+    # that does not becomes a `not_allowed` error row. Empty: no restriction.
+    allowed_roots: list[str] = []
 
     @field_validator("path")
     @classmethod
@@ -59,13 +62,19 @@ class ModelConfig(_Section):
 
 
 class AudioConfig(_Section):
-    max_duration_s: float = Field(120.0, gt=0)
+    max_duration_s: float = Field(120.0, gt=0)  # checked against the header before decoding
+    max_file_bytes: int = Field(2 * 1024**3, ge=1)  # checked with stat before opening
 
 
 class DecodeConfig(_Section):
     rows_per_task: int = Field(16, ge=1)
     cpus_per_task: float = Field(1.0, gt=0)
-    max_retries: int = Field(3, ge=0)
+    max_retries: int = Field(3, ge=0)  # Ray's retries of a decode task whose worker died
+    # Decode in a child process per worker, so a file that crashes or hangs the decoder costs its
+    # row only (pipeline.isolation); timeout_s and max_attempts bound each row.
+    isolate: bool = True
+    timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(2, ge=1)
 
 
 class InferenceConfig(_Section):

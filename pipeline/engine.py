@@ -143,7 +143,12 @@ def build_dataset(p: Plan) -> ray.data.Dataset:
     blocks = [p.manifest.slice(i, rows) for i in range(0, max(p.manifest.num_rows, 1), rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        DecodeStage(p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s),
+        DecodeStage(
+            p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
+            max_file_bytes=cfg.audio.max_file_bytes, allowed_roots=tuple(cfg.input.allowed_roots),
+            isolate=cfg.decode.isolate, timeout_s=cfg.decode.timeout_s,
+            max_attempts=cfg.decode.max_attempts,
+        ),
         batch_format="pyarrow",
         batch_size=rows,
         num_cpus=cfg.decode.cpus_per_task,

@@ -40,16 +40,21 @@ STAGE_TRANSCRIBE = "transcribe"
 class ErrorKind:
     """The fixed set of machine-readable error kinds written to ``error_kind``."""
 
-    NOT_FOUND = "not_found"  # the file does not exist
-    UNREADABLE = "unreadable"  # exists but cannot be opened (a directory, no permission)
+    NOT_FOUND = "not_found"  # the file does not exist (or is a dangling symlink)
+    UNREADABLE = "unreadable"  # exists but cannot be read: a directory, a FIFO, no permission, a symlink loop
+    NOT_ALLOWED = "not_allowed"  # outside input.allowed_roots (after resolving symlinks and "..")
+    TOO_LARGE = "too_large"  # the file is larger than audio.max_file_bytes
     DECODE_ERROR = "decode_error"  # libsndfile cannot decode it
     EMPTY = "empty"  # decodes to zero samples
     NON_FINITE = "non_finite"  # NaN or Inf samples
-    TOO_LONG = "too_long"  # longer than audio.max_duration_s
+    TOO_LONG = "too_long"  # longer than audio.max_duration_s (by its header, checked before reading)
     TOO_SHORT = "too_short"  # shorter than the model's receptive field
+    TIMEOUT = "timeout"  # decoding took longer than decode.timeout_s; its process was killed
+    WORKER_CRASH = "worker_crash"  # the decoding process died on it decode.max_attempts times
     INFERENCE_ERROR = "inference_error"  # the model failed on this row alone
 
-    ALL = (NOT_FOUND, UNREADABLE, DECODE_ERROR, EMPTY, NON_FINITE, TOO_LONG, TOO_SHORT, INFERENCE_ERROR)
+    ALL = (NOT_FOUND, UNREADABLE, NOT_ALLOWED, TOO_LARGE, DECODE_ERROR, EMPTY, NON_FINITE, TOO_LONG,
+           TOO_SHORT, TIMEOUT, WORKER_CRASH, INFERENCE_ERROR)
 
 
 # Rows between the stages: the manifest plus what the decode stage learned.

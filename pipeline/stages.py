@@ -7,14 +7,16 @@ and passes through the later stages untouched, so every input row reaches the ou
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import schema as S
-from pipeline.audio import AudioError, decode
+from pipeline.audio import AudioError, Decoded, check_allowed, decode
 from pipeline.batching import plan_batches
+from pipeline.isolation import IsolatedDecoder
 
 if TYPE_CHECKING:
     from pipeline.model import ModelSpec
@@ -38,13 +40,37 @@ def _waves(column: pa.ChunkedArray) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
 
 
+# One isolated decoder per worker process, kept across tasks (Ray reuses its workers).
+_DECODERS: dict[tuple[float, int], IsolatedDecoder] = {}
+
+
 class DecodeStage:
     """Manifest rows → decoded, resampled, normalised audio (or error rows)."""
 
-    def __init__(self, target_rate: int, do_normalize: bool, max_duration_s: float):
-        self.target_rate = target_rate
-        self.do_normalize = do_normalize
-        self.max_duration_s = max_duration_s
+    def __init__(
+        self,
+        target_rate: int,
+        do_normalize: bool,
+        max_duration_s: float,
+        max_file_bytes: float = float("inf"),
+        allowed_roots: tuple[str, ...] = (),
+        isolate: bool = False,
+        timeout_s: float = 60.0,
+        max_attempts: int = 2,
+    ):
+        self.kwargs = {"target_rate": target_rate, "do_normalize": do_normalize,
+                       "max_duration_s": max_duration_s, "max_file_bytes": max_file_bytes}
+        self.allowed_roots = tuple(os.path.realpath(r) for r in allowed_roots)
+        self.isolation = (timeout_s, max_attempts) if isolate else None
+
+    def _decode(self, path: str, data: bytes | None) -> Decoded:
+        if data is None:
+            check_allowed(path, self.allowed_roots)
+        if self.isolation is None:
+            return decode(path, data, **self.kwargs)
+        if self.isolation not in _DECODERS:
+            _DECODERS[self.isolation] = IsolatedDecoder(*self.isolation)
+        return _DECODERS[self.isolation](path, data, **self.kwargs)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         cols = {name: [] for name in S.DECODED_SCHEMA.names}
@@ -58,10 +84,7 @@ class DecodeStage:
             cols[S.PATH].append(path)
             cols[S.REFERENCE].append(reference)
             try:
-                d = decode(
-                    path, data, target_rate=self.target_rate,
-                    do_normalize=self.do_normalize, max_duration_s=self.max_duration_s,
-                )
+                d = self._decode(path, data)
             except AudioError as exc:
                 kind, error, wave, info = exc.kind, f"{exc.kind}: {exc}", np.zeros(0, np.float32), (None,) * 3
             except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's, not the job's

@@ -12,9 +12,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_ctc_model  # noqa: E402
 
+from fault_zoo import HOOK_ENV  # noqa: E402
+
 # Keep the tests offline and quiet: no hub look-ups, no progress bars.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The isolated decoder's test hooks (pipeline.isolation): files whose path holds these markers
+# crash or hang the decoding process. Set before Ray starts, so its workers inherit them.
+os.environ.update(HOOK_ENV)
 
 
 @pytest.fixture(scope="session")

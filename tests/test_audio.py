@@ -81,3 +81,33 @@ def test_empty_nonfinite_and_too_long(tmp_path):
         with pytest.raises(AudioError) as err:
             decode(str(tmp_path / name), **kwargs)
         assert err.value.kind == kind, name
+
+
+def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
+    """The child restarts after a crash (bounded attempts) and after a timeout kill; rows in
+    between decode normally. The crash and hang hooks come from the session's environment."""
+    from fault_zoo import CRASH_MARKER, HANG_MARKER
+
+    from pipeline.isolation import IsolatedDecoder
+
+    good = tmp_path / "good.wav"
+    sf.write(good, speechlike, 16_000)
+    for marker in (CRASH_MARKER, HANG_MARKER):
+        (tmp_path / f"{marker}.wav").write_bytes(good.read_bytes())
+    decoder = IsolatedDecoder(timeout_s=1.0, max_attempts=3)
+    try:
+        expected = decode(str(good)).audio
+        np.testing.assert_array_equal(decoder(str(good)).audio, expected)
+        with pytest.raises(AudioError, match="died on it 3 times .*exit code 70") as crash:
+            decoder(str(tmp_path / f"{CRASH_MARKER}.wav"))
+        assert crash.value.kind == ErrorKind.WORKER_CRASH
+        np.testing.assert_array_equal(decoder(str(good)).audio, expected)
+        with pytest.raises(AudioError, match=r"decode.timeout_s = 1\)") as hang:
+            decoder(str(tmp_path / f"{HANG_MARKER}.wav"))
+        assert hang.value.kind == ErrorKind.TIMEOUT
+        np.testing.assert_array_equal(decoder(str(good)).audio, expected)
+        with pytest.raises(AudioError) as missing:  # an ordinary error crosses the pipe with its kind
+            decoder(str(tmp_path / "missing.wav"))
+        assert missing.value.kind == ErrorKind.NOT_FOUND
+    finally:
+        decoder.close()

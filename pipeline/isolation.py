@@ -1,0 +1,148 @@
+"""Decode one row at a time in a child process, so a file that crashes or hangs the decoder costs
+that row, not the job. Pure: no Ray, no torch.
+
+libsndfile and the codecs below it are C code: a corrupt or hostile file can kill the process
+(a segfault, an abort) or spin forever. :class:`IsolatedDecoder` keeps one child per worker process
+(``python -m pipeline.isolation``: a fresh interpreter, since forking a Ray worker's threads can
+deadlock and multiprocessing's spawn would re-run the worker's main module) and sends it one row
+at a time over a pipe. A child that dies is restarted and the row retried, up to ``max_attempts``
+times in all, then the row becomes a ``worker_crash`` error; a row still running after
+``timeout_s`` gets its child killed and becomes a ``timeout`` error (not retried: hangs repeat).
+Ray's own task retries (``decode.max_retries``) stay as the bound for failures of the worker itself.
+
+Test hooks: the child ``os._exit``\\ s on any path containing ``$CORPUS_TRANSCRIBE_TEST_CRASH_ON``
+and sleeps on any path containing ``$CORPUS_TRANSCRIBE_TEST_HANG_ON`` (both unset in production).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from pipeline.audio import AudioError, Decoded, decode
+from pipeline.schema import ErrorKind
+
+CRASH_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_CRASH_ON"
+HANG_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_HANG_ON"
+CRASH_EXIT_CODE = 70
+
+
+def _serve(requests: Connection, replies: Connection) -> None:
+    """The child's loop: decode each request, answer ("ok", Decoded) or ("error", kind, message)."""
+    crash_on, hang_on = os.environ.get(CRASH_HOOK_ENV), os.environ.get(HANG_HOOK_ENV)
+    while True:
+        try:
+            path, data, kwargs = requests.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if crash_on and crash_on in path:
+            os._exit(CRASH_EXIT_CODE)
+        if hang_on and hang_on in path:
+            time.sleep(10**6)
+        try:
+            reply: tuple = ("ok", decode(path, data, **kwargs))
+        except AudioError as exc:
+            reply = ("error", exc.kind, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's
+            reply = ("error", ErrorKind.DECODE_ERROR, f"{path}: {type(exc).__name__}: {exc}")
+        replies.send(reply)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class IsolatedDecoder:
+    """``decode`` in a child process with a timeout and bounded restarts (see the module doc)."""
+
+    def __init__(self, timeout_s: float, max_attempts: int):
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self._proc: subprocess.Popen | None = None
+        self._requests: Connection | None = None
+        self._replies: Connection | None = None
+
+    def _start(self) -> None:
+        env = dict(os.environ)
+        # The child imports this package from wherever the parent did (Ray's py_modules included).
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.isolation"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        self._requests = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
+        self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+
+    def _stop(self, kill: bool) -> int | None:
+        proc, self._proc = self._proc, None
+        for conn in (self._requests, self._replies):
+            if conn is not None:
+                conn.close()
+        self._requests = self._replies = None
+        if proc is None:
+            return None
+        if kill and proc.poll() is None:
+            proc.kill()
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        self._stop(kill=True)
+
+    def __call__(self, path: str, data: bytes | None = None, **kwargs: Any) -> Decoded:
+        """Decode like :func:`pipeline.audio.decode`; raise :class:`AudioError` for a bad row."""
+        reason = ""
+        for _ in range(self.max_attempts):
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop(kill=True)
+                self._start()
+            started = time.monotonic()
+            try:
+                self._requests.send((path, data, kwargs))
+                if not self._replies.poll(self.timeout_s):
+                    self._stop(kill=True)
+                    raise AudioError(
+                        ErrorKind.TIMEOUT,
+                        f"{path}: still decoding after {time.monotonic() - started:.1f} s "
+                        f"(decode.timeout_s = {self.timeout_s:g}); its process was killed",
+                    )
+                reply = self._replies.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                reason = _exit_reason(self._stop(kill=True))
+                continue
+            if reply[0] == "ok":
+                return reply[1]
+            raise AudioError(reply[1], reply[2])
+        raise AudioError(
+            ErrorKind.WORKER_CRASH,
+            f"{path}: the decoding process died on it {self.max_attempts} times "
+            f"(decode.max_attempts; last: {reason})",
+        )
+
+
+def _main() -> None:
+    """Child entry point: requests on stdin, replies on the original stdout; anything else that
+    writes to stdout (a codec's message) goes to stderr instead of corrupting the replies."""
+    replies = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    _serve(Connection(0, writable=False), replies)
+
+
+if __name__ == "__main__":
+    _main()
