@@ -53,6 +53,7 @@ class ModelConfig(_Section):
     name: str = Field(DEFAULT_MODEL, description="Hub id, local folder, or @demo (the bundled model)")
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # safetensors only unless set: pickle can run code on load
 
     @field_validator("name")
     @classmethod
@@ -90,6 +91,9 @@ class InferenceConfig(_Section):
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)
     max_padding_waste: float = Field(0.05, ge=0)  # per batch: padded / real samples - 1
+    # Restarts of a replica that died, and retries of the rows it held; then the job fails instead
+    # of retrying forever (Ray Data's default for actor pools).
+    max_restarts: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _check_pool(self) -> InferenceConfig:

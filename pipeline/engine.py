@@ -5,9 +5,12 @@ Every ``map_batches`` argument lives here, so Ray API churn touches this file al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 import torch
 import transformers
@@ -25,11 +29,13 @@ from pipeline import schema as S
 from pipeline.config import JobConfig
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.model import FrontEnd, ModelSpec, load_front_end
-from pipeline.stages import DecodeStage, TranscribeStage
+from pipeline.stages import SHARD_PREFIX, DecodeStage, ShardWriter, TranscribeStage
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
+MANIFEST_FILE = "_manifest.json"  # the shards of a finished run: what readers should read
+WORK_DIR = "_work"  # present while a run is unfinished; holds the fingerprint it must match
 
 
 class JobError(RuntimeError):
@@ -45,38 +51,75 @@ class Plan:
     front_end: FrontEnd
     spec: ModelSpec
     output: Path
+    fingerprint: str  # of the input rows and the settings that change transcripts
+    state: str  # "fresh", "resume" (an unfinished run of the same job) or "done" (a finished one)
 
 
 def plan(cfg: JobConfig) -> Plan:
-    """Check the output, read the manifest and the model's front end; raise before any work."""
+    """Read the manifest and the model's front end, settle the output's state; raise before any work."""
     if not cfg.output.path:
         raise JobError("output.path is not set: pass --output OUT_DIR")
     output = Path(cfg.output.path)
-    _prepare_output(output, cfg.output.overwrite)
+    if output.exists() and not output.is_dir():
+        raise JobError(f"--output {output}: exists and is not a folder")
     try:
         manifest = read_manifest(cfg.input)
     except ManifestError as exc:
         raise JobError(str(exc)) from None
-    spec = ModelSpec(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
+    spec = ModelSpec(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code,
+                     cfg.model.allow_pickle_weights)
+    try:
+        spec.check_local_weights()
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
     try:
         front_end = load_front_end(spec)
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean "cannot load"
         raise JobError(f"model.name = {spec.name!r}: cannot load its feature extractor ({exc})") from None
-    return Plan(cfg, manifest, front_end, spec, output)
+    fingerprint = _fingerprint(cfg, manifest)
+    state = _prepare_output(output, cfg.output.overwrite, fingerprint)
+    return Plan(cfg, manifest, front_end, spec, output, fingerprint, state)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise JobError(f"--output {output}: exists and is not a folder")
-    ours = [*output.glob("*.parquet"), output / SUMMARY_FILE] if output.is_dir() else []
+def _fingerprint(cfg: JobConfig, manifest: pa.Table) -> str:
+    """Same rows, model and decoding settings → same fingerprint: what resuming may rely on."""
+    h = hashlib.sha256()
+    for column in (S.ID, S.PATH):
+        for value in manifest[column].to_pylist():
+            h.update(value.encode() + b"\0")
+    settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(),
+                "precision": cfg.inference.precision, "rows": manifest.num_rows}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def _prepare_output(output: Path, overwrite: bool, fingerprint: str) -> str:
+    """Return the output's state; clear it first with ``overwrite``; refuse another job's output."""
+    work, summary_file = output / WORK_DIR, output / SUMMARY_FILE
+    ours = [*output.glob("*.parquet"), *output.glob(".*.tmp"), summary_file, output / MANIFEST_FILE] \
+        if output.is_dir() else []
     ours = [p for p in ours if p.exists()]
-    if ours and not overwrite:
+    if overwrite:
+        for p in ours:
+            p.unlink()
+        shutil.rmtree(work, ignore_errors=True)
+        ours = []
+    state = "fresh"
+    if (output / MANIFEST_FILE).exists() and summary_file.exists():
+        state, found = "done", json.loads(summary_file.read_text()).get("fingerprint")
+    elif work.is_dir():
+        state, found = "resume", json.loads((work / "input.json").read_text()).get("fingerprint")
+    elif ours:
         raise JobError(
-            f"--output {output}: already holds results ({ours[0].name}); choose another folder "
-            "or --set output.overwrite=true to replace them"
+            f"--output {output}: already holds files of another run ({ours[0].name}); choose another "
+            "folder or --set output.overwrite=true to replace them"
         )
-    for p in ours:
-        p.unlink()
+    if state != "fresh" and found != fingerprint:
+        what = "a finished" if state == "done" else "an unfinished"
+        raise JobError(
+            f"--output {output}: holds {what} run of another input, model or audio settings; choose "
+            "another folder or --set output.overwrite=true to replace it"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / "_write_check"
@@ -84,6 +127,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise JobError(f"--output {output}: not writable ({exc.strerror})") from None
+    return state
 
 
 def metadata(p: Plan) -> dict[str, Any]:
@@ -136,11 +180,12 @@ def _check_resources(cfg: JobConfig) -> None:
                 raise JobError(message)
 
 
-def build_dataset(p: Plan) -> ray.data.Dataset:
-    """Manifest → decode tasks → inference actor pool, as one lazy Ray Dataset."""
+def build_dataset(p: Plan, manifest: pa.Table) -> ray.data.Dataset:
+    """Manifest rows → decode tasks → inference actor pool → shard writers, as one lazy Dataset
+    whose rows name the shards written."""
     cfg = p.cfg
     rows = cfg.decode.rows_per_task
-    blocks = [p.manifest.slice(i, rows) for i in range(0, max(p.manifest.num_rows, 1), rows)]
+    blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         DecodeStage(
@@ -156,7 +201,7 @@ def build_dataset(p: Plan) -> ray.data.Dataset:
         udf_modifying_row_count=False,
     )
     inf = cfg.inference
-    return ds.map_batches(
+    ds = ds.map_batches(
         TranscribeStage,
         fn_constructor_kwargs={
             "spec": p.spec,
@@ -172,33 +217,67 @@ def build_dataset(p: Plan) -> ray.data.Dataset:
         batch_size=inf.rows_per_call,
         num_cpus=inf.cpus_per_replica,
         num_gpus=inf.gpus_per_replica,
+        max_restarts=inf.max_restarts,
+        max_task_retries=inf.max_restarts,
         udf_modifying_row_count=False,
+    )
+    return ds.map_batches(
+        ShardWriter(str(p.output)),
+        batch_format="pyarrow",
+        batch_size=cfg.output.rows_per_shard,
+        max_retries=cfg.decode.max_retries,
     )
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``."""
+    """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``.
+
+    Resumable: every shard is committed alone by rename, so a run that dies leaves whole shards
+    and ``OUT_DIR/_work``; the same command again transcribes only the rows no shard holds. A
+    finished run is left as it is. (Ray Data's ``CheckpointConfig`` is not used: on Ray 2.60 its
+    resume adds a pool of filter actors that reserve a CPU each, which deadlocked a 2-CPU node
+    whose CPUs the replicas and decode tasks already take; it also needs a file reader as the
+    source, so the manifest, HF audio bytes included, would be copied to disk first.)
+    """
     started = time.perf_counter()
     p = plan(cfg)
-    log.info("%d rows from %s; model %s", p.manifest.num_rows, cfg.input.path, p.spec.name)
+    if p.state == "done":
+        summary = json.loads((p.output / SUMMARY_FILE).read_text())
+        log.warning("%s already holds the finished result of this job (%d rows); nothing to do",
+                    p.output, summary["rows_out"])
+        return {**summary, "already_complete": True}
+    work = p.output / WORK_DIR
+    todo = p.manifest
+    if p.state == "fresh":
+        work.mkdir()
+        _write_atomic(work / "input.json", {"fingerprint": p.fingerprint})
+    else:
+        for orphan in p.output.glob(".*.tmp"):  # a shard whose write was cut off
+            orphan.unlink()
+        done = read_output(p.output, [S.ID])[S.ID].combine_chunks()
+        todo = p.manifest.filter(pc.invert(pc.is_in(p.manifest[S.ID], value_set=done)))
+        log.info("resuming an unfinished run: %d of %d rows are already in %s", p.manifest.num_rows - todo.num_rows,
+                 p.manifest.num_rows, p.output)
+    log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
     own_ray = _init_ray(cfg)
     try:
         _check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-        if p.manifest.num_rows:
+        if todo.num_rows:
             try:
-                build_dataset(p).write_parquet(
-                    str(p.output),
-                    min_rows_per_file=cfg.output.rows_per_shard,
-                    max_rows_per_file=cfg.output.rows_per_shard,
-                )
+                for _ in build_dataset(p, todo).iter_batches(batch_size=None):
+                    pass
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
     finally:
         if own_ray:
             ray.shutdown()
+    shards = _commit(p.output)
     summary = summarize(p, time.perf_counter() - started)
-    (p.output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    summary["resumed"] = p.state == "resume"
+    _write_atomic(p.output / SUMMARY_FILE, summary)
+    shutil.rmtree(work)
+    log.info("committed %d shards to %s", len(shards), p.output / MANIFEST_FILE)
     if summary["lost"] or summary["duplicated"]:
         raise JobError(
             f"output breaks the one-row-per-input invariant: {summary['lost']} ids lost, "
@@ -214,9 +293,33 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}"
 
 
+def _write_atomic(path: Path, value: Any) -> None:
+    """Write JSON by rename, so a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _commit(output: Path) -> list[str]:
+    """Write ``_manifest.json``: every shard (each was committed alone, by rename) with its rows."""
+    shards = sorted(f.name for f in output.glob(f"{SHARD_PREFIX}*.parquet"))
+    rows = {name: pq.ParquetFile(output / name).metadata.num_rows for name in shards}
+    _write_atomic(output / MANIFEST_FILE, {
+        "shards": [{"path": name, "rows": rows[name]} for name in shards],
+        "rows": sum(rows.values()),
+    })
+    return shards
+
+
 def read_output(output: Path | str, columns: list[str] | None = None) -> pa.Table:
-    """The job's result as one table: every shard, none of the ``_``-prefixed side files."""
-    files = sorted(str(f) for f in Path(output).glob("*.parquet"))
+    """The job's result as one table: the shards ``_manifest.json`` lists (while a run is
+    unfinished, every shard so far), none of the ``_``-prefixed side files."""
+    output = Path(output)
+    if (output / MANIFEST_FILE).exists():
+        listed = json.loads((output / MANIFEST_FILE).read_text())["shards"]
+        files = [str(output / s["path"]) for s in listed]
+    else:
+        files = sorted(str(f) for f in output.glob(f"{SHARD_PREFIX}*.parquet"))
     if not files:
         return S.OUTPUT_SCHEMA.empty_table().select(columns or S.OUTPUT_SCHEMA.names)
     return pads.dataset(files, format="parquet").to_table(columns=columns)
@@ -245,7 +348,8 @@ def summarize(p: Plan, wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "audio_s_per_s": audio_s / wall_s if wall_s > 0 else math.nan,
         "padding_waste": (padded - real) / real if real else 0.0,
-        "shards": len(list(p.output.glob("*.parquet"))),
+        "shards": len(json.loads((p.output / MANIFEST_FILE).read_text())["shards"]),
+        "fingerprint": p.fingerprint,
         **metadata(p),
         "config": p.cfg.model_dump(),
     }

@@ -31,6 +31,9 @@ from pipeline.schema import ErrorKind
 CRASH_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_CRASH_ON"
 HANG_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_HANG_ON"
 CRASH_EXIT_CODE = 70
+# A fresh child imports numpy, soundfile and soxr before it answers; on a loaded machine that can
+# take seconds, which must not count against a row's decode.timeout_s.
+STARTUP_TIMEOUT_S = 120.0
 
 
 def _serve(requests: Connection, replies: Connection) -> None:
@@ -86,6 +89,9 @@ class IsolatedDecoder:
         self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
         self._proc.stdin.close()
         self._proc.stdout.close()
+        if not self._replies.poll(STARTUP_TIMEOUT_S):
+            raise EOFError(f"no answer from the decoding process within {STARTUP_TIMEOUT_S:g} s")
+        self._replies.recv()  # its "ready"
 
     def _stop(self, kill: bool) -> int | None:
         proc, self._proc = self._proc, None
@@ -109,11 +115,11 @@ class IsolatedDecoder:
         """Decode like :func:`pipeline.audio.decode`; raise :class:`AudioError` for a bad row."""
         reason = ""
         for _ in range(self.max_attempts):
-            if self._proc is None or self._proc.poll() is not None:
-                self._stop(kill=True)
-                self._start()
-            started = time.monotonic()
             try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._stop(kill=True)
+                    self._start()
+                started = time.monotonic()
                 self._requests.send((path, data, kwargs))
                 if not self._replies.poll(self.timeout_s):
                     self._stop(kill=True)
@@ -141,6 +147,7 @@ def _main() -> None:
     writes to stdout (a codec's message) goes to stderr instead of corrupting the replies."""
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
+    replies.send(("ready",))
     _serve(Connection(0, writable=False), replies)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +28,27 @@ class ModelSpec:
     name: str
     revision: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # pickle (.bin) weights can run code when loaded
 
     @property
     def source(self) -> str:
         """What ``from_pretrained`` gets: ``@demo`` resolved where this runs (driver or actor)."""
         return bundled.model_path(self.name)
+
+    def check_local_weights(self) -> None:
+        """Raise ``ValueError`` for a local folder that holds only pickle weights, unless allowed.
+
+        (Hub ids are checked where the weights load: ``use_safetensors=True`` refuses them there.)
+        """
+        folder = Path(self.source)
+        if self.allow_pickle_weights or not folder.is_dir() or any(folder.glob("*.safetensors")):
+            return
+        pickled = sorted(f.name for f in folder.glob("*.bin")) or ["no weights at all"]
+        raise ValueError(
+            f"model.name = {self.name!r}: no safetensors weights in {folder} (found {', '.join(pickled)}); "
+            "pickle weights can run code when loaded: convert them to safetensors, or set "
+            "model.allow_pickle_weights=true if you trust this checkpoint"
+        )
 
     def kwargs(self) -> dict:
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -160,7 +177,8 @@ class CTCTranscriber:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.processor = AutoProcessor.from_pretrained(spec.source, **spec.kwargs())
-        self.model = AutoModelForCTC.from_pretrained(spec.source, use_safetensors=True, **spec.kwargs())
+        self.model = AutoModelForCTC.from_pretrained(
+            spec.source, use_safetensors=not spec.allow_pickle_weights, **spec.kwargs())
         self.model.to(self.device).eval()
         self.autocast = PRECISIONS[precision]
         if self.autocast is not None and self.device.type == "cpu":

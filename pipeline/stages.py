@@ -6,12 +6,14 @@ and passes through the later stages untouched, so every input row reaches the ou
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.audio import AudioError, Decoded, check_allowed, decode
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from pipeline.model import ModelSpec
 
 log = logging.getLogger(__name__)
+
+SHARD_PREFIX = "part-"  # output shards: part-<digest of their ids>.parquet
 
 
 def _audio_column(waves: list[np.ndarray]) -> pa.LargeListArray:
@@ -179,3 +183,29 @@ class TranscribeStage:
             log.warning("batch of %d rows failed (%s); retrying them one at a time", len(rows), exc)
         for i in rows:
             yield from self._run([i], waves, paths, fail)
+
+
+class ShardWriter:
+    """Output rows → one Parquet shard per call, committed by rename; returns ``(shard, rows)``.
+
+    A reader or a resumed run sees a whole shard or none: the file is written under a hidden
+    temporary name (``.part-….tmp``), synced, then renamed. The name is a digest of the shard's ids,
+    so a retried call replaces its own file instead of adding a second copy of its rows.
+    (Ray Data's ``write_parquet`` writes in place, leaving half-written files when killed.)
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if table.num_rows == 0:
+            return pa.table({"shard": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+        digest = hashlib.sha256("\0".join(sorted(table[S.ID].to_pylist())).encode()).hexdigest()[:32]
+        name = f"{SHARD_PREFIX}{digest}.parquet"
+        tmp = os.path.join(self.folder, f".{name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(self.folder, name))
+        return pa.table({"shard": [name], "rows": [table.num_rows]})

@@ -169,10 +169,26 @@ def test_input_kinds_and_manifest_formats_agree(ray_cluster, corpus, layer_model
     assert {"clip000.flac", "corrupt.flac", "short.wav"} <= folder_ids  # ids are relative paths
 
 
-def test_existing_output_fails_fast_unless_overwrite(ray_cluster, corpus, layer_run, layer_model):
-    out, _ = layer_run
-    with pytest.raises(JobError, match="already holds results.*output.overwrite=true"):
-        run(ray_cluster, corpus, out, layer_model)
+def test_a_finished_output_is_left_alone_unless_overwrite(ray_cluster, corpus, layer_run, layer_model,
+                                                          group_model, tmp_path):
+    out, first = layer_run
+    files = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    shards = [s["path"] for s in json.loads((out / "_manifest.json").read_text())["shards"]]
+    assert sorted(files) == sorted([*shards, "_manifest.json", SUMMARY_FILE])  # no _work, no orphans
+    again = run(ray_cluster, corpus, out, layer_model, "inference.max_batch_samples=100000",
+                "output.rows_per_shard=10")
+    assert again["already_complete"] and again["rows_out"] == 25
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files  # nothing written
+    # Another model into the same folder is refused: its rows would mix with these.
+    with pytest.raises(JobError, match="holds a finished run of another input, model or audio settings"):
+        run(ray_cluster, corpus, out, group_model)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "x.parquet").write_bytes(b"")
+    with pytest.raises(JobError, match="already holds files of another run.*output.overwrite=true"):
+        run(ray_cluster, corpus, stray, layer_model)
+    summary = run(ray_cluster, corpus, stray, layer_model, "output.overwrite=true")
+    assert summary["rows_out"] == 25 and not summary["resumed"]
     assert len(read_output(out)) == 25
 
 

@@ -143,3 +143,27 @@ def test_gpu_reduced_precision_matches_cpu_fp32_on_the_demo_model(precision):
     print(f"{precision} on {torch.cuda.get_device_name()} vs fp32 on the CPU: {changed} of {len(rows)} "
           f"transcripts change, CER between them {cer:.2%}")
     assert cer <= 0.01, list(zip(expected, got))
+
+
+def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
+    """safetensors only by default: a folder with pytorch_model.bin fails fast, naming the fix."""
+    from transformers import AutoModelForCTC
+
+    from pipeline.config import load_config
+    from pipeline.engine import JobError, run_job
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(group_model, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCTC.from_pretrained(group_model).state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"found pytorch_model.bin.*model.allow_pickle_weights=true"):
+        ModelSpec(str(pickled)).check_local_weights()
+    cfg = load_config(**{"input.path": "@sample", "output.path": str(tmp_path / "out"), "model.name": str(pickled)})
+    with pytest.raises(JobError, match="no safetensors weights"):
+        run_job(cfg)
+    allowed = ModelSpec(str(pickled), allow_pickle_weights=True)
+    allowed.check_local_weights()
+    t = CTCTranscriber(allowed, device="cpu")
+    ref = Reference(group_model)
+    batch = _utterances(5, 3)
+    assert t.transcribe(batch) == [ref(w) for w in batch]

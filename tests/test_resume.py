@@ -1,0 +1,127 @@
+"""Killed processes lose no row: a SIGKILLed driver resumes, a killed inference actor is replaced.
+
+Both runs are slowed by files that hang the decoder until ``decode.timeout_s`` (the isolated
+decoder's test hook, see ``pipeline.isolation``), so there is time to kill something mid-run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fault_zoo import HANG_MARKER
+from helpers import write_tone_clips
+from pipeline import schema as S
+from pipeline.config import load_config
+from pipeline.engine import MANIFEST_FILE, SUMMARY_FILE, WORK_DIR, read_output, run_job
+from pipeline.stages import SHARD_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ["decode.timeout_s=2", "decode.rows_per_task=3", "output.rows_per_shard=3",
+            "inference.rows_per_call=3", "ray.progress_bars=false"]
+
+
+def slow_corpus(root: Path, clips: int = 24, hanging: int = 5) -> tuple[Path, set[str]]:
+    """``clips`` short clips, ``hanging`` of them named so that their decode hangs (→ timeout rows)."""
+    paths = write_tone_clips(root / "clips", [0.5 + 0.1 * (i % 7) for i in range(clips)])
+    for i in range(hanging):
+        paths[i * 4].rename(paths[i * 4].with_name(f"{HANG_MARKER}{i}.flac"))
+    files = sorted((root / "clips").iterdir())
+    (root / "manifest.csv").write_text("id,path\n" + "".join(f"{f.stem},clips/{f.name}\n" for f in files))
+    return root / "manifest.csv", {f.stem for f in files}
+
+
+def committed_shards(out: Path) -> int:
+    return len(list(out.glob(f"{SHARD_PREFIX}*.parquet")))
+
+
+def assert_each_id_once(out: Path, ids: set[str]) -> None:
+    counts = collections.Counter(read_output(out)[S.ID].to_pylist())
+    assert set(counts) == ids and set(counts.values()) == {1}, counts
+    on_disk = sorted(f.name for f in out.glob("*.parquet"))
+    assert not list(out.glob(".*.tmp"))
+    listed = sorted(s["path"] for s in json.loads((out / MANIFEST_FILE).read_text())["shards"])
+    assert on_disk == listed  # no orphan shard beside the committed ones
+    assert not (out / WORK_DIR).exists()
+
+
+def replica_pids() -> list[int]:
+    """Processes of the inference replicas (Ray titles them ``ray::MapWorker(...TranscribeStage...)``;
+    the state API would need the dashboard, which the test cluster does not start)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"TranscribeStage" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def transcribe(manifest: Path, out: Path, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jobs.transcribe", "--input", str(manifest), "--output", str(out),
+           "--model", "@demo", "--set", "ray.num_cpus=2"]
+    for item in SETTINGS:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_sigkilled_driver_resumes_and_a_finished_run_writes_nothing(tmp_path):
+    manifest, ids = slow_corpus(tmp_path)
+    out = tmp_path / "out"
+    first = transcribe(manifest, out, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while committed_shards(out) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.poll() is None, "the run ended before it could be killed: " + first.communicate()[1][-2000:]
+    os.kill(first.pid, signal.SIGKILL)  # the driver only; its Ray processes notice and exit
+    first.wait()
+    done_before = len(read_output(out))
+    assert 0 < done_before < len(ids) and not (out / SUMMARY_FILE).exists()
+
+    second = transcribe(manifest, out)
+    stdout, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["resumed"] and summary["rows_out"] == len(ids) and summary["lost"] == summary["duplicated"] == 0
+    assert summary["errors_by_kind"] == {S.ErrorKind.TIMEOUT: 5}
+    assert_each_id_once(out, ids)
+    print(f"\nkilled after {done_before} of {len(ids)} rows; the rerun wrote the other {len(ids) - done_before}")
+
+    files = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    third = transcribe(manifest, out)
+    _, stderr = third.communicate(timeout=300)
+    assert third.returncode == 0 and "nothing to do" in stderr, stderr[-2000:]
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files
+
+
+def test_a_killed_inference_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    manifest, ids = slow_corpus(tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(overrides=SETTINGS, **{"input.path": str(manifest), "output.path": str(out),
+                                             "model.name": "@demo"})
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_job(cfg)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 240
+    while committed_shards(out) < 2 and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    actors = replica_pids()
+    assert job.is_alive() and len(actors) == 1, actors
+    os.kill(actors[0], signal.SIGKILL)
+    job.join(timeout=300)
+    assert "summary" in result, "the job did not finish"
+    summary = result["summary"]
+    assert summary["rows_out"] == len(ids) and summary["lost"] == summary["duplicated"] == 0
+    assert_each_id_once(out, ids)
