@@ -10,8 +10,8 @@ times in all, then the row becomes a ``worker_crash`` error; a row still running
 ``timeout_s`` gets its child killed and becomes a ``timeout`` error (not retried: hangs repeat).
 Ray's own task retries (``decode.max_retries``) stay as the bound for failures of the worker itself.
 
-Test hooks: the child ``os._exit``\\ s on any path containing ``$CORPUS_TRANSCRIBE_TEST_CRASH_ON``
-and sleeps on any path containing ``$CORPUS_TRANSCRIBE_TEST_HANG_ON`` (both unset in production).
+Test hooks: the child segfaults on any path containing ``$CORPUS_TRANSCRIBE_TEST_CRASH_ON`` and
+sleeps on any path containing ``$CORPUS_TRANSCRIBE_TEST_HANG_ON`` (both unset in production).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pipeline.schema import ErrorKind
 
 CRASH_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_CRASH_ON"
 HANG_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_HANG_ON"
-CRASH_EXIT_CODE = 70
 # A fresh child imports numpy, soundfile and soxr before it answers; on a loaded machine that can
 # take seconds, which must not count against a row's decode.timeout_s.
 STARTUP_TIMEOUT_S = 120.0
@@ -45,7 +44,9 @@ def _serve(requests: Connection, replies: Connection) -> None:
         except (EOFError, OSError):  # the parent is gone
             return
         if crash_on and crash_on in path:
-            os._exit(CRASH_EXIT_CODE)
+            import ctypes
+
+            ctypes.string_at(0)  # a real segfault, as a broken codec would cause
         if hang_on and hang_on in path:
             time.sleep(10**6)
         try:

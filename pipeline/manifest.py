@@ -107,7 +107,25 @@ def _read_table(path: str, fmt: str) -> pa.Table:
     except FileNotFoundError:
         raise ManifestError(f"--input {path}: no such file") from None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"--input {path}: cannot read it as {fmt} ({exc})") from None
+        where = _first_bad_json_line(path) if fmt == "jsonl" else None
+        raise ManifestError(where or f"--input {path}: cannot read it as {fmt} ({exc})") from None
+
+
+def _first_bad_json_line(path: str) -> str | None:
+    """Name the first line that is not a JSON object (Arrow's error counts rows within a block)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"{path} line {number}: not valid JSON ({exc.msg}); one object per line expected"
+            if not isinstance(value, dict):
+                return f"{path} line {number}: a JSON {type(value).__name__}, expected an object"
+    return None
 
 
 def _pick(table: pa.Table, names: tuple[str, ...]) -> str | None:
