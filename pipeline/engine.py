@@ -96,8 +96,8 @@ def _fingerprint(cfg: JobConfig, manifest: pa.Table) -> str:
 def _prepare_output(output: Path, overwrite: bool, fingerprint: str) -> str:
     """Return the output's state; clear it first with ``overwrite``; refuse another job's output."""
     work, summary_file = output / WORK_DIR, output / SUMMARY_FILE
-    ours = [*output.glob("*.parquet"), *output.glob(".*.tmp"), summary_file, output / MANIFEST_FILE] \
-        if output.is_dir() else []
+    ours = [*output.glob("*.parquet"), *output.glob(f".{SHARD_PREFIX}*.tmp"), summary_file,
+            output / MANIFEST_FILE] if output.is_dir() else []
     ours = [p for p in ours if p.exists()]
     if overwrite:
         for p in ours:
@@ -249,10 +249,14 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     work = p.output / WORK_DIR
     todo = p.manifest
     if p.state == "fresh":
-        work.mkdir()
-        _write_atomic(work / "input.json", {"fingerprint": p.fingerprint})
+        # Made whole, then renamed: a _work folder always holds its fingerprint.
+        staging = p.output / f".{WORK_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        _write_atomic(staging / "input.json", {"fingerprint": p.fingerprint})
+        os.replace(staging, work)
     else:
-        for orphan in p.output.glob(".*.tmp"):  # a shard whose write was cut off
+        for orphan in p.output.glob(f".{SHARD_PREFIX}*.tmp"):  # a shard whose write was cut off
             orphan.unlink()
         done = read_output(p.output, [S.ID])[S.ID].combine_chunks()
         todo = p.manifest.filter(pc.invert(pc.is_in(p.manifest[S.ID], value_set=done)))
