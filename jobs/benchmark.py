@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for 1-3")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
     ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline"], help="leave out slow peers")
+    ap.add_argument("--budgets", nargs="*", type=int, default=[], metavar="SAMPLES",
+                    help="also time bare-forward at these inference.max_batch_samples, to pick the "
+                         "budget for this device (e.g. 400000 800000 1600000 3200000)")
     ap.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                     help="job config overrides, added to the defaults (CPU: one replica with --threads "
                          "torch threads, so it computes on as many cores as 1-3, decode tasks sharing "
@@ -185,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
+        sweep = {}
+        for budget in args.budgets:
+            bare = [bare_forward(model_dir, paths, args.precision, budget, inference.max_padding_waste,
+                                 args.device)[0] for _ in range(args.repeats)]
+            sweep[budget] = audio_s / statistics.median(bare)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
         "bare_forward_padding_waste": round(bare_waste, 4),
         "seconds": seconds,
+        "bare_forward_by_budget": {str(b): round(v, 2) for b, v in sweep.items()},
     }
     print(f"\n{len(paths)} files, {audio_s / 60:.1f} min of audio, {result['model']}, job precision "
           f"{args.precision}, {result['machine']}")
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:18s} {value:6.2f}x")
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
+    for budget, value in sweep.items():
+        print(f"bare-forward at max_batch_samples={budget:>9,d}: {value:8.2f} audio s/s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
