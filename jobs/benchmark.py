@@ -14,7 +14,9 @@ audio-seconds per second for:
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
 
 It prints the ratios job/seed, job/hf-pipeline and job/bare-forward and the job's padding waste,
-and writes them as JSON. The model is the full wav2vec2-base architecture: ``--model DIR`` for a
+and writes them as JSON. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
+``--budgets`` also times 3 at several ``inference.max_batch_samples``, to pick one per device.
+The model is the full wav2vec2-base architecture: ``--model DIR`` for a
 local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
 depend on the weights). Audio is noise plus chirps: speed does not depend on the content either.
 """
