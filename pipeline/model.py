@@ -92,7 +92,7 @@ class ValidFramesGroupNorm(torch.nn.Module):
     padded frames shift the mean and variance, so a row's logits depend on what it was batched
     with (transformers #18501). Set :attr:`frames` (valid frames per row) before a batched forward;
     with ``frames = None`` it is the wrapped layer, unchanged. Written by hand because torch has no
-    masked group norm; statistics in fp32, as ``nn.GroupNorm``.
+    masked group norm.
     """
 
     def __init__(self, norm: torch.nn.GroupNorm):
@@ -103,26 +103,17 @@ class ValidFramesGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frames is None:
             return self.norm(x)
-        batch, channels, _ = x.shape
-        groups = self.norm.num_groups
-        # Statistics row by row on the valid slice (one fused var_mean each), then a single fused
-        # pass for the affine map: masking the whole padded tensor cost ~25% of a bf16 forward.
-        means, rstds = [], []
+        # The wrapped layer on each row's valid frames alone: the very computation of that row
+        # unbatched, so the two agree bit for bit. Padded frames become zeros, which no valid frame
+        # of the later (unpadded) conv layers sees. Masked statistics over the whole padded tensor
+        # (var_mean + addcmul) took 4x as long on CPU as these per-row group_norm calls.
+        out = None
         for row, n in enumerate(self.frames.tolist()):
-            # fp32 statistics under autocast too (as autocast runs group_norm); the copy is the
-            # valid slice only.
-            var, mean = torch.var_mean(x[row, :, :n].reshape(groups, -1).float(), dim=1, correction=0)
-            means.append(mean)
-            rstds.append(torch.rsqrt(var + self.norm.eps))
-        per_channel = channels // groups
-        mean = torch.stack(means).repeat_interleave(per_channel, dim=1)[:, :, None]  # (B, C, 1)
-        scale = torch.stack(rstds).repeat_interleave(per_channel, dim=1)[:, :, None]
-        if self.norm.affine:
-            scale = scale * self.norm.weight[None, :, None]
-            shift = self.norm.bias[None, :, None] - mean * scale
-        else:
-            shift = -mean * scale
-        return torch.addcmul(shift, x, scale)  # fp32 out, promoted from bf16/fp16 x
+            y = self.norm(x[row : row + 1, :, :n])
+            if out is None:
+                out = y.new_zeros(x.shape)  # y's dtype: fp32 under autocast, as nn.GroupNorm
+            out[row, :, :n] = y[0]
+        return out
 
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
