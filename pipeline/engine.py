@@ -276,17 +276,19 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     finally:
         if own_ray:
             ray.shutdown()
-    shards = _commit(p.output)
     summary = summarize(p, time.perf_counter() - started)
     summary["resumed"] = p.state == "resume"
-    _write_atomic(p.output / SUMMARY_FILE, summary)
-    shutil.rmtree(work)
-    log.info("committed %d shards to %s", len(shards), p.output / MANIFEST_FILE)
     if summary["lost"] or summary["duplicated"]:
+        # No _manifest.json: readers must not take this output for a result.
+        _write_atomic(p.output / SUMMARY_FILE, summary)
         raise JobError(
             f"output breaks the one-row-per-input invariant: {summary['lost']} ids lost, "
             f"{summary['duplicated']} duplicated (see {p.output / SUMMARY_FILE})"
         )
+    shards = _commit(p.output)
+    _write_atomic(p.output / SUMMARY_FILE, summary)
+    shutil.rmtree(work)
+    log.info("committed %d shards to %s", len(shards), p.output / MANIFEST_FILE)
     return summary
 
 
@@ -305,7 +307,8 @@ def _write_atomic(path: Path, value: Any) -> None:
 
 
 def _commit(output: Path) -> list[str]:
-    """Write ``_manifest.json``: every shard (each was committed alone, by rename) with its rows."""
+    """Write ``_manifest.json``, last: every shard (each committed alone, by rename) with its rows.
+    Its presence is what says the output is complete and checked."""
     shards = sorted(f.name for f in output.glob(f"{SHARD_PREFIX}*.parquet"))
     rows = {name: pq.ParquetFile(output / name).metadata.num_rows for name in shards}
     _write_atomic(output / MANIFEST_FILE, {
@@ -352,7 +355,7 @@ def summarize(p: Plan, wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "audio_s_per_s": audio_s / wall_s if wall_s > 0 else math.nan,
         "padding_waste": (padded - real) / real if real else 0.0,
-        "shards": len(json.loads((p.output / MANIFEST_FILE).read_text())["shards"]),
+        "shards": len(list(p.output.glob(f"{SHARD_PREFIX}*.parquet"))),
         "fingerprint": p.fingerprint,
         **metadata(p),
         "config": p.cfg.model_dump(),

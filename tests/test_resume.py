@@ -22,7 +22,7 @@ from fault_zoo import HANG_MARKER
 from helpers import write_tone_clips
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import MANIFEST_FILE, SUMMARY_FILE, WORK_DIR, read_output, run_job
+from pipeline.engine import MANIFEST_FILE, SUMMARY_FILE, WORK_DIR, JobError, read_output, run_job
 from pipeline.stages import SHARD_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +125,25 @@ def test_a_killed_inference_actor_loses_and_duplicates_nothing(ray_cluster, tmp_
     summary = result["summary"]
     assert summary["rows_out"] == len(ids) and summary["lost"] == summary["duplicated"] == 0
     assert_each_id_once(out, ids)
+
+
+def test_an_output_that_breaks_the_invariant_gets_no_manifest(ray_cluster, tmp_path):
+    """A duplicated shard (as if copied in by hand) is caught at commit: exit with an error, and no
+    _manifest.json, so no reader takes the folder for a result."""
+    paths = write_tone_clips(tmp_path / "clips", [0.6, 0.8, 1.0, 1.2])
+    out = tmp_path / "out"
+    cfg = load_config(overrides=["ray.progress_bars=false", "output.rows_per_shard=2"],
+                      **{"input.path": str(tmp_path / "clips"), "output.path": str(out), "model.name": "@demo"})
+    assert run_job(cfg)["rows_out"] == len(paths)
+    # Turn the finished run back into an unfinished one that holds a duplicated shard.
+    fingerprint = json.loads((out / SUMMARY_FILE).read_text())["fingerprint"]
+    (out / MANIFEST_FILE).unlink()
+    (out / SUMMARY_FILE).unlink()
+    (out / WORK_DIR).mkdir()
+    (out / WORK_DIR / "input.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    shard = sorted(out.glob(f"{SHARD_PREFIX}*.parquet"))[0]
+    (out / f"{SHARD_PREFIX}copy.parquet").write_bytes(shard.read_bytes())
+    with pytest.raises(JobError, match=r"0 ids lost, 2 duplicated"):
+        run_job(cfg)
+    assert not (out / MANIFEST_FILE).exists()
+    assert json.loads((out / SUMMARY_FILE).read_text())["duplicated"] == 2
