@@ -13,7 +13,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipeline import bundled
+from pipeline import bundled, demo_model
 from pipeline.isolation import CRASH_HOOK_ENV, HANG_HOOK_ENV
 from pipeline.schema import ErrorKind as K
 
@@ -27,11 +27,10 @@ MAX_FILE_BYTES = 8_000_000  # the zoo's cap, so that one ordinary-looking WAV is
 
 def speech(clip: str = "heldout-05") -> tuple[np.ndarray, str]:
     """A bundled held-out clip (16 kHz mono) and its reference text."""
-    folder = Path(bundled.input_path("@heldout")).parent
-    audio, rate = sf.read(folder / f"{clip}.flac", dtype="float32")
+    manifest = Path(bundled.input_path("@heldout"))
+    audio, rate = sf.read(manifest.parent / f"{clip}.flac", dtype="float32")
     assert rate == RATE
-    text = next(line.split(",")[2] for line in (folder / "manifest.csv").read_text().splitlines()
-                if line.startswith(f"{clip},"))
+    text = next(row["text"] for row in demo_model.read_manifest(manifest) if row["id"] == clip)
     return audio, text
 
 
