@@ -29,7 +29,7 @@ from pipeline import schema as S
 from pipeline.config import JobConfig
 from pipeline.manifest import ManifestError, read_manifest
 from pipeline.model import FrontEnd, ModelSpec, load_front_end
-from pipeline.stages import SHARD_PREFIX, DecodeStage, ShardWriter, TranscribeStage
+from pipeline.stages import SHARD_PREFIX, DecodeStage, ShardWriter, TranscribeStage, commit_file
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +300,8 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _write_atomic(path: Path, value: Any) -> None:
-    """Write JSON by rename, so a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write JSON by rename (:func:`pipeline.stages.commit_file`)."""
+    commit_file(str(path), lambda fh: fh.write((json.dumps(value, indent=2) + "\n").encode()))
 
 
 def _commit(output: Path) -> list[str]:

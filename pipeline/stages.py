@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -185,11 +186,23 @@ class TranscribeStage:
             yield from self._run([i], waves, paths, fail)
 
 
+def commit_file(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file by rename: ``write`` fills a hidden ``.<name>.<pid>.tmp`` beside it, which is
+    synced and renamed over ``path``, so a reader sees the old file or the new one, never part of one."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class ShardWriter:
     """Output rows → one Parquet shard per call, committed by rename; returns ``(shard, rows)``.
 
-    A reader or a resumed run sees a whole shard or none: the file is written under a hidden
-    temporary name (``.part-….tmp``), synced, then renamed. The name is a digest of the shard's ids,
+    A reader or a resumed run sees a whole shard or none (:func:`commit_file`; the temporary name
+    is ``.part-….tmp``). The name is a digest of the shard's ids,
     so a retried call replaces its own file instead of adding a second copy of its rows.
     (Ray Data's ``write_parquet`` writes in place, leaving half-written files when killed.)
     """
@@ -202,10 +215,5 @@ class ShardWriter:
             return pa.table({"shard": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
         digest = hashlib.sha256("\0".join(sorted(table[S.ID].to_pylist())).encode()).hexdigest()[:32]
         name = f"{SHARD_PREFIX}{digest}.parquet"
-        tmp = os.path.join(self.folder, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(self.folder, name))
+        commit_file(os.path.join(self.folder, name), lambda fh: pq.write_table(table, fh))
         return pa.table({"shard": [name], "rows": [table.num_rows]})
