@@ -63,8 +63,15 @@ def normalize(audio: np.ndarray) -> np.ndarray:
     return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
 
 
-def check_file(path: str, max_bytes: float = float("inf")) -> int:
-    """Stat ``path`` before anything opens it; return its size or raise :class:`AudioError`.
+def _check_size(path: str, size: int, max_bytes: float) -> None:
+    if size > max_bytes:
+        raise AudioError(
+            ErrorKind.TOO_LARGE, f"{path}: {size:,} bytes is larger than audio.max_file_bytes = {max_bytes:,.0f}"
+        )
+
+
+def check_file(path: str, max_bytes: float = float("inf")) -> None:
+    """Stat ``path`` before anything opens it; raise :class:`AudioError` for a bad row.
 
     Opening a FIFO would block forever and a symlink loop fails with ELOOP; both, like directories
     and files over ``max_bytes``, become error rows here instead.
@@ -81,12 +88,7 @@ def check_file(path: str, max_bytes: float = float("inf")) -> int:
         raise AudioError(ErrorKind.UNREADABLE, f"{path}: is a directory, not an audio file")
     if not stat.S_ISREG(st.st_mode):
         raise AudioError(ErrorKind.UNREADABLE, f"{path}: not a regular file (a FIFO, socket or device)")
-    if st.st_size > max_bytes:
-        raise AudioError(
-            ErrorKind.TOO_LARGE,
-            f"{path}: {st.st_size:,} bytes is larger than audio.max_file_bytes = {max_bytes:,.0f}",
-        )
-    return st.st_size
+    _check_size(path, st.st_size, max_bytes)
 
 
 def check_allowed(path: str, roots: tuple[str, ...]) -> None:
@@ -104,11 +106,7 @@ def check_allowed(path: str, roots: tuple[str, ...]) -> None:
 
 def _open(path: str, data: bytes | None, max_bytes: float) -> sf.SoundFile:
     if data is not None:
-        if len(data) > max_bytes:
-            raise AudioError(
-                ErrorKind.TOO_LARGE,
-                f"{path}: {len(data):,} bytes is larger than audio.max_file_bytes = {max_bytes:,.0f}",
-            )
+        _check_size(path, len(data), max_bytes)
         source: object = io.BytesIO(data)
     else:
         check_file(path, max_bytes)

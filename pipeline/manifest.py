@@ -9,6 +9,7 @@ work starts, and a manifest (paths and texts, not audio) fits in memory even for
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def _read_table(path: str, fmt: str) -> pa.Table:
 
 def _first_bad_json_line(path: str) -> str | None:
     """Name the first line that is not a JSON object (Arrow's error counts rows within a block)."""
-    import json
-
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
