@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,16 @@ from transformers import (
 )
 
 from pipeline.demo_model import VOCAB as BASE_960H_VOCAB  # base-960h's vocabulary, id for id
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_transcribe(*args: str, **popen_kwargs) -> subprocess.Popen:
+    """The ``transcribe`` command line as a user runs it, from the checkout, output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.transcribe", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs,
+    )
 
 
 def make_ctc_model(folder: Path, norm: str = "group", seed: int = 0) -> Path:

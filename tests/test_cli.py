@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import jiwer
 import pytest
 
-from helpers import write_tone_clips
+from helpers import start_transcribe, write_tone_clips
 from pipeline import schema as S
 from pipeline.engine import read_output
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO_MAX_CER = 0.04  # measured 2.28% over all 40 clips (pipeline/models/demo-wav2vec2/TRAINING.md)
 
 
 def transcribe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.transcribe", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    proc = start_transcribe(*args)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_console_script_is_declared():

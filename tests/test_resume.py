@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import pytest
 
 from fault_zoo import HANG_MARKER
-from helpers import write_tone_clips
+from helpers import start_transcribe, write_tone_clips
 from pipeline import schema as S
 from pipeline.config import load_config
 from pipeline.engine import MANIFEST_FILE, SUMMARY_FILE, WORK_DIR, JobError, read_output, run_job
 from pipeline.stages import SHARD_PREFIX
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ["decode.timeout_s=2", "decode.rows_per_task=3", "output.rows_per_shard=3",
             "inference.rows_per_call=3", "ray.progress_bars=false"]
 
@@ -68,13 +66,9 @@ def replica_pids() -> list[int]:
 
 
 def transcribe(manifest: Path, out: Path, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "jobs.transcribe", "--input", str(manifest), "--output", str(out),
-           "--model", "@demo", "--set", "ray.num_cpus=2"]
-    for item in SETTINGS:
-        cmd += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+    settings = [arg for item in SETTINGS for arg in ("--set", item)]
+    return start_transcribe("--input", str(manifest), "--output", str(out), "--model", "@demo",
+                            "--set", "ray.num_cpus=2", *settings, **kw)
 
 
 def test_sigkilled_driver_resumes_and_a_finished_run_writes_nothing(tmp_path):
