@@ -9,12 +9,17 @@ audio-seconds per second for:
    ``batch_decode`` (soundfile decode included);
 2. hf-pipeline: ``transformers.pipeline("automatic-speech-recognition", batch_size=8)`` on the
    decoded arrays (soundfile decode included);
-3. bare-forward: the model's forward alone on pre-decoded, normalised, length-sorted, pre-padded
-   tensors at the job's precision and batch budget: the ceiling for this model on this machine;
+3. bare-forward: the stock transformers model's forward alone on pre-decoded, normalised,
+   length-sorted, pre-padded tensors at the job's precision and batch budget;
+3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
+   CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
+   ceiling for the job on this machine;
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
 
-It prints the ratios job/seed, job/hf-pipeline and job/bare-forward and the job's padding waste,
-and writes them as JSON. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
+It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
+Run as a script, it first re-executes itself with the job's CPU allocator settings
+(``pipeline.model.CPU_ALLOCATOR_ENV``), so every path allocates as the job's CPU replicas do;
+``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
 ``--budgets`` also times 3 at several ``inference.max_batch_samples``, to pick one per device.
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
 local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
@@ -29,6 +34,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +49,7 @@ from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
-from pipeline.model import PRECISIONS, positional_conv_in_fp32
+from pipeline.model import CPU_ALLOCATOR_ENV, PRECISIONS, CTCTranscriber, ModelSpec, positional_conv_in_fp32
 
 RATE = 16_000
 
@@ -106,13 +112,18 @@ def hf_pipeline(model_dir: str, paths: list[Path], device: str) -> None:
         pass
 
 
-def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int, max_waste: float,
-                 device: str) -> tuple[float, float]:
-    """Seconds spent in the forward passes alone (tensors built beforehand, already on ``device``),
-    and padding waste."""
+def sorted_batches(paths: list[Path], budget: int, max_waste: float) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Decoded, normalised waveforms and the job's length-sorted batch plan over them."""
     waves = [normalize(sf.read(p, dtype="float32")[0]) for p in paths]
+    return waves, plan_batches([len(w) for w in waves], budget, max_waste)
+
+
+def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
+                 device: str) -> tuple[float, float]:
+    """Seconds spent in the stock transformers forward passes alone (tensors built beforehand,
+    already on ``device``), and padding waste."""
     batches = []
-    for rows in plan_batches([len(w) for w in waves], budget, max_waste):
+    for rows in plan:
         width = len(waves[rows[0]])
         batch = torch.zeros(len(rows), width)
         for r, i in enumerate(rows):
@@ -135,6 +146,20 @@ def bare_forward(model_dir: str, paths: list[Path], precision: str, budget: int,
     seconds = time.perf_counter() - start
     real = sum(len(w) for w in waves)
     return seconds, sum(b.numel() for b in batches) / real - 1
+
+
+def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
+                  device: str, threads: int) -> float:
+    """Seconds the job's model code takes without Ray on the same batches: ``CTCTranscriber``
+    (exact batching; on CPUs in bf16 the matmul conv encoder) padding, running and decoding each."""
+    transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision)
+    transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
+    start = time.perf_counter()
+    for rows in plan:
+        transcriber.transcribe([waves[i] for i in rows])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
@@ -162,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "torch threads, so it computes on as many cores as 1-3, decode tasks sharing "
                          "them; cuda: one GPU replica, the CPUs for decode tasks)")
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="run 1-3b with glibc's default allocator settings instead of the job's replicas' ones")
     args = ap.parse_args(argv)
     defaults = [f"ray.num_cpus={args.threads}"] + (
         ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
@@ -184,16 +211,19 @@ def main(argv: list[str] | None = None) -> dict:
             if "hf-pipeline" not in args.skip:
                 seconds.setdefault("hf-pipeline", []).append(
                     timed(lambda: hf_pipeline(model_dir, paths, args.device)))
-            bare_s, bare_waste = bare_forward(model_dir, paths, args.precision, inference.max_batch_samples,
-                                              inference.max_padding_waste, args.device)
+            waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
+            bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device)
             seconds.setdefault("bare-forward", []).append(bare_s)
+            seconds.setdefault("replica-alone", []).append(
+                replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads))
+            del waves
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
         sweep = {}
         for budget in args.budgets:
-            bare = [bare_forward(model_dir, paths, args.precision, budget, inference.max_padding_waste,
-                                 args.device)[0] for _ in range(args.repeats)]
+            waves, plan = sorted_batches(paths, budget, inference.max_padding_waste)
+            bare = [bare_forward(model_dir, waves, plan, args.precision, args.device)[0] for _ in range(args.repeats)]
             sweep[budget] = audio_s / statistics.median(bare)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
@@ -204,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "device": args.device, "overrides": args.overrides,
+        "allocator": "glibc defaults" if args.glibc_malloc else "CPU_ALLOCATOR_ENV",
         "audio_s_per_s": {k: round(v, 2) for k, v in speed.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
@@ -228,4 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    if "--glibc-malloc" not in sys.argv and any(os.environ.get(k) != v for k, v in CPU_ALLOCATOR_ENV.items()):
+        # glibc reads these only when a process starts: start again with them.
+        os.execve(sys.executable, [sys.executable, "-m", "jobs.benchmark", *sys.argv[1:]],
+                  {**os.environ, **CPU_ALLOCATOR_ENV})
     main()

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor
 
 from pipeline import bundled
+from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,21 @@ def positional_conv_in_fp32(model) -> None:
     conv.forward = fp32_forward
 
 
+# glibc settings for CPU replica processes, as environment variables: glibc reads them when the
+# process starts, before any thread exists (``mallopt`` later does not reach the arenas of threads
+# already running, and Ray calls a replica from a pool thread). Without them glibc gives every block
+# over 32 MiB back to the kernel and maps the next one afresh, so each large activation of a CPU
+# forward pass is paid for again in page faults: wav2vec2-base's bf16 forward on the 2-core CPU took
+# 3.3 s with glibc's defaults and 2.8 s with these (6 rows of 12.5 s). The heap keeps its high-water
+# mark instead, which a replica running one model over and over reaches on its first large batch.
+CPU_ALLOCATOR_ENV = {
+    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena maps large blocks anyway
+    "MALLOC_MMAP_THRESHOLD_": str(2**31 - 1),
+    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
 def _first_group_norm(model) -> tuple[torch.nn.Module, torch.nn.GroupNorm] | None:
     """The first conv layer and its ``GroupNorm``, where the model has that structure."""
     encoder = getattr(model.base_model, "feature_extractor", None)
@@ -172,8 +188,10 @@ class CTCTranscriber:
             spec.source, use_safetensors=not spec.allow_pickle_weights, **spec.kwargs())
         self.model.to(self.device).eval()
         self.autocast = PRECISIONS[precision]
+        self._encoder: MatmulFeatureEncoder | None = None
         if self.autocast is not None and self.device.type == "cpu":
             positional_conv_in_fp32(self.model)
+            self._encoder = self._install_matmul_encoder(spec.name)
         config = self.model.config
         self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]
@@ -181,11 +199,35 @@ class CTCTranscriber:
         # with one; the others (group-norm front end, e.g. base-960h) get none.
         self.use_attention_mask = bool(self.processor.feature_extractor.return_attention_mask)
         self._norm: ValidFramesGroupNorm | None = None
+        self._valid_lengths = False  # whether _encoder gets each row's valid length
         self.batch_invariant = self._make_batch_invariant(spec.name)
         log.info(
-            "loaded %s on %s (%s, %d threads, attention mask: %s, batch-invariant: %s)", spec.name,
-            self.device, precision, torch.get_num_threads(), self.use_attention_mask, self.batch_invariant,
+            "loaded %s on %s (%s, %d threads, attention mask: %s, batch-invariant: %s, conv encoder: %s)",
+            spec.name, self.device, precision, torch.get_num_threads(), self.use_attention_mask,
+            self.batch_invariant, "matmul" if self._encoder else "stock",
         )
+
+    def _install_matmul_encoder(self, name: str) -> MatmulFeatureEncoder | None:
+        """Swap in :class:`pipeline.conv_encoder.MatmulFeatureEncoder` (CPU, reduced precision:
+        where oneDNN's conv1d is slow) if the model's encoder has its structure and its fp32
+        output matches the stock encoder's on a probe; else keep the stock one and say why, once."""
+        base = self.model.base_model
+        stock = getattr(base, "feature_extractor", None)
+        try:
+            fast = MatmulFeatureEncoder(stock)
+        except UnsupportedEncoder as exc:
+            log.warning("%s: keeping the stock conv feature encoder (%s)", name, exc)
+            return None
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16_000)).astype(np.float32))
+        with torch.inference_mode():
+            want, got = stock(probe), fast(probe)
+        deviation = float((want - got).abs().max()) / max(1.0, float(want.abs().max()))
+        if want.shape != got.shape or deviation > self.PROBE_TOLERANCE:
+            log.warning("%s: keeping the stock conv feature encoder (the matmul one differs by %.3g on a probe)",
+                        name, deviation)
+            return None
+        base.feature_extractor = fast
+        return fast
 
     def _make_batch_invariant(self, name: str) -> bool:
         """Install the exact path, probe it, and fall back to the standard one where it fails.
@@ -194,17 +236,19 @@ class CTCTranscriber:
         before its positional conv and hides them from attention, which reproduces the unpadded
         computation on the valid frames — the batch-of-one result the model gives any utterance.
         """
-        found = _first_group_norm(self.model)
+        found = None if self._encoder else _first_group_norm(self.model)
         if found is not None:
             layer, norm = found
             self._norm = ValidFramesGroupNorm(norm)
             layer.layer_norm = self._norm
+        self._valid_lengths = self._encoder is not None
         standard_mask, self.use_attention_mask = self.use_attention_mask, True
         deviation = self.probe()
         if deviation <= self.PROBE_TOLERANCE:
             return True
         if found is not None:
             layer.layer_norm, self._norm = norm, None
+        self._valid_lengths = False
         self.use_attention_mask = standard_mask
         # Once per replica: e.g. Data2VecAudio's stacked positional convs and the conformer's conv
         # modules see padded frames, which no mask hides.
@@ -251,12 +295,16 @@ class CTCTranscriber:
         if self._norm is not None:
             kernel, stride = self._first_conv
             self._norm.frames = torch.div(n - kernel, stride, rounding_mode="floor") + 1
+        if self._valid_lengths:
+            self._encoder.lengths = n
         try:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 return self.model(inputs, attention_mask=mask).logits.float()
         finally:
             if self._norm is not None:
                 self._norm.frames = None
+            if self._encoder is not None:
+                self._encoder.lengths = None
 
     def transcribe(self, waves: Sequence[np.ndarray]) -> list[str]:
         """Transcribe one batch: zero-pad to the longest, forward once, greedy-decode each row.

@@ -1,0 +1,114 @@
+"""The matmul conv feature encoder (CPU, reduced precision) against the stock transformers encoder."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormConvLayer
+
+from pipeline import demo_model
+from pipeline.audio import normalize
+from pipeline.bundled import input_path, model_path
+from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder
+from pipeline.model import CTCTranscriber, ModelSpec
+
+LENGTHS = [400, 401, 3_217, 16_000, 40_000]
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded rows of these lengths, and the lengths."""
+    rng = np.random.default_rng(seed)
+    x = torch.zeros(len(LENGTHS), max(LENGTHS))
+    for row, n in enumerate(LENGTHS):
+        x[row, :n] = torch.from_numpy(normalize(rng.standard_normal(n).astype(np.float32)))
+    return x, torch.tensor(LENGTHS)
+
+
+def _encoders(kind: str, group_model: Path, layer_model: Path):
+    if kind == "conv-bias":  # large-lv60's kind: layer norm in every conv layer, conv bias
+        torch.manual_seed(3)
+        config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                conv_dim=(16,) * 7, feat_extract_norm="layer", conv_bias=True)
+        model = Wav2Vec2ForCTC(config).eval()
+    else:
+        model = AutoModelForCTC.from_pretrained(group_model if kind == "group" else layer_model).eval()
+    stock = model.base_model.feature_extractor
+    return stock, MatmulFeatureEncoder(stock)
+
+
+@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
+def test_equals_the_stock_encoder_in_fp32(kind, group_model, layer_model):
+    stock, fast = _encoders(kind, group_model, layer_model)
+    x, _ = _batch()
+    with torch.inference_mode():
+        want, got = stock(x), fast(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
+def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_model):
+    """Valid frames equal the stock encoder on the row alone; a group norm's padded frames are zeros."""
+    stock, fast = _encoders(kind, group_model, layer_model)
+    x, lengths = _batch(1)
+    fast.lengths = lengths
+    with torch.inference_mode():
+        got = fast(x)
+        for row, n in enumerate(LENGTHS):
+            alone = stock(x[row : row + 1, :n])[0]
+            frames = alone.shape[1]
+            torch.testing.assert_close(got[row, :, :frames], alone, atol=1e-5, rtol=1e-4)
+    if kind == "group":
+        fast.lengths = None
+        first = fast.layers[0]
+        with torch.inference_mode():
+            h = first.conv_matmul(x[:, :, None])
+            normed = fast._group_norm(h, first, first.frames(lengths), torch.float32)
+        for row, n in enumerate(first.frames(lengths).tolist()):
+            assert not normed[row, n:].any()
+
+
+def test_bf16_replica_uses_it_on_the_demo_model():
+    """On the CPU in bf16 the replica takes the matmul encoder; its transcripts stay close to fp32's
+    and to its own one-at-a-time ones. (bf16 is not bit-exact across batch shapes with either
+    encoder: both give max |Δlogit| 0.25 between a batch and its rows alone on these clips.)"""
+    manifest = Path(input_path("@heldout"))
+    rows = [r for r in demo_model.read_manifest(manifest) if r["condition"] == "16k"]
+    waves = [normalize(demo_model.load_for_reference(manifest.parent / r["path"])) for r in rows]
+    bf16 = CTCTranscriber(ModelSpec(model_path("@demo")), device="cpu", precision="bf16")
+    assert isinstance(bf16.model.base_model.feature_extractor, MatmulFeatureEncoder) and bf16.batch_invariant
+    fp32 = CTCTranscriber(ModelSpec(model_path("@demo")), device="cpu", precision="fp32")
+    assert not isinstance(fp32.model.base_model.feature_extractor, MatmulFeatureEncoder)
+    batched, expected = bf16.transcribe(waves), fp32.transcribe(waves)
+    alone = [bf16.transcribe([w])[0] for w in waves]
+    for name, other in [("fp32", expected), ("bf16 one at a time", alone)]:
+        cer, _ = demo_model.error_rates(other, batched)
+        changed = sum(a != b for a, b in zip(batched, other, strict=True))
+        print(f"\nbf16 batched (matmul encoder) vs {name}: {changed} of {len(waves)} differ, CER {cer:.2%}")
+        assert changed <= 2 and cer <= 0.01
+
+
+class _ScaledConvLayer(Wav2Vec2NoLayerNormConvLayer):
+    """A conv layer whose forward does more than conv → activation: the encoder cannot know."""
+
+    def forward(self, hidden_states):
+        return 2 * super().forward(hidden_states)
+
+
+def test_unknown_layers_keep_the_stock_encoder_and_say_why(group_model, caplog):
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32")
+    stock = t.model.base_model.feature_extractor
+    stock.conv_layers[0].layer_norm = stock.conv_layers[0].layer_norm.norm  # fp32's ValidFramesGroupNorm off
+    stock.conv_layers[2].__class__ = _ScaledConvLayer
+    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+        assert t._install_matmul_encoder("scaled") is None
+    assert t.model.base_model.feature_extractor is stock
+    assert "keeping the stock conv feature encoder (the matmul one differs by" in caplog.text
+
+    stock.conv_layers[2].__class__ = Wav2Vec2NoLayerNormConvLayer
+    stock.conv_layers[0].layer_norm = torch.nn.GroupNorm(4, 16)
+    with pytest.raises(UnsupportedEncoder, match="GroupNorm this encoder does not compute"):
+        MatmulFeatureEncoder(stock)
