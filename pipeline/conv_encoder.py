@@ -5,8 +5,9 @@ on an AVX-512 CPU the 512→512 kernel-3 stride-2 layer ran at a third of the sp
 product as one matmul over overlapping windows, and the encoder took ~70 % of the whole forward
 pass. Each layer here is that matmul: a window view of the channels-last input (frames ``t*s ..
 t*s+k-1`` are ``k*C`` consecutive numbers) times the kernel flattened to ``(k*C_in, C_out)``.
-Same weights, same order of roundings as the stock layers under autocast (conv in the compute
-dtype, norms in fp32, the activation in the dtype the stock layer gives it).
+Same weights and, but for the raw-audio layer's conv (fp32 here, one rounding fewer), the same
+order of roundings as the stock layers under autocast: convs in the compute dtype, norms in fp32,
+each activation in the dtype the stock layer gives it.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class MatmulFeatureEncoder(torch.nn.Module):
         with torch.autocast("cpu", enabled=False):
             h = input_values[:, :, None]
             for layer in self.layers:
-                # The raw-audio layer's conv runs in fp32 (ten multiply-adds per output, and its
-                # group norm wants fp32): one rounding fewer than the stock layer under autocast.
+                # The raw-audio layer's conv in fp32: ten multiply-adds per output, and its norm
+                # wants fp32 anyway.
                 h = layer.conv_matmul(h.float() if layer.in_channels == 1 else h.to(dtype))
                 if lengths is not None:
                     lengths = layer.frames(lengths)
@@ -111,7 +112,7 @@ class MatmulFeatureEncoder(torch.nn.Module):
     @staticmethod
     def _group_norm(h: torch.Tensor, layer: _Layer, lengths: torch.Tensor | None, dtype) -> torch.Tensor:
         """Per row and channel over time, then the activation; over each row's valid frames only
-        when ``lengths`` is given. ``h`` is fp32, as autocast runs ``group_norm``.
+        when ``lengths`` is given. Statistics in fp32, as autocast runs ``group_norm``.
 
         Written out (mean, centred sum of squares, one multiply-add) because ``torch.var_mean``
         over time in this layout took twice as long as the rest of the layer on a CPU; scratch
