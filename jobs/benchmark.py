@@ -170,7 +170,8 @@ def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # the re-exec below looks for --glibc-malloc by name
     ap.add_argument("--minutes", type=float, default=10.0, help="audio in the corpus (default 10)")
     ap.add_argument("--model", help="local CTC checkpoint; default: wav2vec2-base config, random weights")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="the job's and bare-forward's")

@@ -57,10 +57,12 @@ class _Layer:
         return self._weights[dtype]
 
     def frames(self, samples: torch.Tensor) -> torch.Tensor:
-        return torch.div(samples - self.kernel, self.stride, rounding_mode="floor") + 1
+        """Valid output frames for ``samples`` valid input frames (none below the kernel)."""
+        return (torch.div(samples - self.kernel, self.stride, rounding_mode="floor") + 1).clamp_(min=0)
 
     def conv_matmul(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, T, C_in)`` contiguous → ``(B, T', C_out)``: the windows as one matrix product."""
+        h = h.contiguous()  # the window view below assumes (T, C) rows laid out densely
         rows, steps = h.shape[0], (h.shape[1] - self.kernel) // self.stride + 1
         width = self.kernel * self.in_channels
         windows = h.as_strided((rows, steps, width), (h.stride(0), self.stride * self.in_channels, 1))
@@ -104,6 +106,8 @@ class MatmulFeatureEncoder(torch.nn.Module):
                 if layer.norm_kind == "group":
                     h = self._group_norm(h, layer, lengths, dtype)
                 elif layer.norm_kind == "layer":
+                    # Out in the compute dtype, as the stock layer: CPU autocast keeps layer_norm's
+                    # input dtype (computed in fp32 here, then rounded once).
                     h = layer.activation(F.layer_norm(h.float(), *_affine(layer.norm))).to(dtype)
                 else:
                     h = layer.activation(h)

@@ -146,9 +146,10 @@ def metadata(p: Plan) -> dict[str, Any]:
 def _init_ray(cfg: JobConfig) -> bool:
     """Join ``ray.address`` or start Ray in-process; return whether this call started it.
 
-    Ray started here hands ``CPU_ALLOCATOR_ENV`` to every worker through the raylet's
-    environment; elsewhere the replicas get it as their runtime environment, which costs each
-    job ~1.6 s more to start them (measured on the 2-core CPU).
+    Ray started here hands ``CPU_ALLOCATOR_ENV`` to all its processes through the raylet's
+    environment (decode workers and Ray's own keep their freed memory too: small heaps here);
+    elsewhere only the CPU replicas get it, as their runtime environment, which costs each job
+    ~1.6 s more to start them (measured on the 2-core CPU).
     """
     if ray.is_initialized():
         return False

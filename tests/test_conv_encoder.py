@@ -50,6 +50,20 @@ def test_equals_the_stock_encoder_in_fp32(kind, group_model, layer_model):
 
 
 @pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
+def test_under_bf16_autocast_it_is_as_close_to_fp32_as_the_stock_encoder(kind, group_model, layer_model):
+    """Same output dtype as the stock encoder under autocast, and no more bf16 error than it has."""
+    stock, fast = _encoders(kind, group_model, layer_model)
+    x, _ = _batch(2)
+    with torch.inference_mode():
+        exact = stock(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = stock(x), fast(x.t().contiguous().t())  # a non-contiguous input too
+    assert got.dtype == want.dtype and got.shape == want.shape
+    stock_error = float((want.float() - exact).abs().max())
+    assert float((got.float() - exact).abs().max()) <= 2 * stock_error + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
 def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_model):
     """Valid frames equal the stock encoder on the row alone; a group norm's padded frames are zeros."""
     stock, fast = _encoders(kind, group_model, layer_model)
