@@ -13,7 +13,7 @@ audio-seconds per second for:
    length-sorted, pre-padded tensors at the job's precision and batch budget;
 3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
-   ceiling for the job on this machine;
+   ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding);
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
@@ -149,10 +149,12 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
 
 
 def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                  device: str, threads: int) -> float:
+                  device: str, threads: int, exact: bool = True) -> float:
     """Seconds the job's model code takes without Ray on the same batches: ``CTCTranscriber``
-    (exact batching; on CPUs in bf16 the matmul conv encoder) padding, running and decoding each."""
-    transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision)
+    (exact batching unless ``exact=False``; on CPUs in bf16 the matmul conv encoder) padding,
+    running and decoding each."""
+    transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision,
+                                 exact=exact)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
     start = time.perf_counter()
     for rows in plan:
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "torch threads, so it computes on as many cores as 1-3, decode tasks sharing "
                          "them; cuda: one GPU replica, the CPUs for decode tasks)")
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
+    ap.add_argument("--exact-cost", action="store_true",
+                    help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' ones")
     args = ap.parse_args(argv)
@@ -217,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
             seconds.setdefault("bare-forward", []).append(bare_s)
             seconds.setdefault("replica-alone", []).append(
                 replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads))
+            if args.exact_cost:
+                seconds.setdefault("replica-plain", []).append(
+                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
             del waves
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
@@ -229,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
+    if "replica-plain" in speed:  # how much faster plain padding is than exact batching
+        ratios["replica-plain/replica-alone"] = speed["replica-plain"] / speed["replica-alone"]
     result = {
         "audio_s": round(audio_s, 1), "files": len(paths), "precision": args.precision,
         "model": args.model or "wav2vec2-base config, random weights",
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in speed.items():
         print(f"{name:14s} {value:10.2f}")
     for name, value in ratios.items():
-        print(f"{name:18s} {value:6.2f}x")
+        print(f"{name:28s} {value:6.2f}x")
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
     for budget, value in sweep.items():

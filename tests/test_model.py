@@ -74,9 +74,8 @@ def test_batched_logits_equal_one_at_a_time_reference(kind, group_model, layer_m
 
 def test_plain_zero_padding_is_what_the_exact_path_fixes(group_model):
     """Without the valid-frames group norm and mask, padding moves a group-norm model's logits."""
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu")
-    layer = t.model.base_model.feature_extractor.conv_layers[0]
-    layer.layer_norm, t._norm, t.use_attention_mask = layer.layer_norm.norm, None, False
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", exact=False)
+    assert not t.batch_invariant and not t.use_attention_mask
     assert t.probe() > 1e-2
 
 
