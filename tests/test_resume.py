@@ -29,10 +29,15 @@ SETTINGS = ["decode.timeout_s=2", "decode.rows_per_task=3", "output.rows_per_sha
 
 
 def slow_corpus(root: Path, clips: int = 24, hanging: int = 5) -> tuple[Path, set[str]]:
-    """``clips`` short clips, ``hanging`` of them named so that their decode hangs (→ timeout rows)."""
+    """``clips`` short clips, ``hanging`` of them named so that their decode hangs (→ timeout rows).
+
+    The hanging ones sort last: the run is still busy with them for seconds after its first shards
+    are committed. (Sorted first, they could finish together, after which the fast rows took
+    under a second: a killer polling for committed shards then sometimes found the run complete.)
+    """
     paths = write_tone_clips(root / "clips", [0.5 + 0.1 * (i % 7) for i in range(clips)])
     for i in range(hanging):
-        paths[i * 4].rename(paths[i * 4].with_name(f"{HANG_MARKER}{i}.flac"))
+        paths[i * 4].rename(paths[i * 4].with_name(f"zz{HANG_MARKER}{i}.flac"))
     files = sorted((root / "clips").iterdir())
     (root / "manifest.csv").write_text("id,path\n" + "".join(f"{f.stem},clips/{f.name}\n" for f in files))
     return root / "manifest.csv", {f.stem for f in files}
