@@ -20,7 +20,7 @@ It prints the ratios of the job to each and the job's padding waste, and writes 
 Run as a script, it first re-executes itself with the job's CPU allocator settings
 (``pipeline.model.CPU_ALLOCATOR_ENV``), so every path allocates as the job's CPU replicas do;
 ``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
-``--budgets`` also times 3 at several ``inference.max_batch_samples``, to pick one per device.
+``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device.
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
 local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
 depend on the weights). Audio is noise plus chirps: speed does not depend on the content either.
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
     ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline"], help="leave out slow peers")
     ap.add_argument("--budgets", nargs="*", type=int, default=[], metavar="SAMPLES",
-                    help="also time bare-forward at these inference.max_batch_samples, to pick the "
+                    help="also time replica-alone at these inference.max_batch_samples, to pick the "
                          "budget for this device (e.g. 400000 800000 1600000 3200000)")
     ap.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                     help="job config overrides, added to the defaults (CPU: one replica with --threads "
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         sweep = {}
         for budget in args.budgets:
             waves, plan = sorted_batches(paths, budget, inference.max_padding_waste)
-            bare = [bare_forward(model_dir, waves, plan, args.precision, args.device)[0] for _ in range(args.repeats)]
-            sweep[budget] = audio_s / statistics.median(bare)
+            alone = [replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads)
+                     for _ in range(args.repeats)]
+            sweep[budget] = audio_s / statistics.median(alone)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
         "bare_forward_padding_waste": round(bare_waste, 4),
         "seconds": seconds,
-        "bare_forward_by_budget": {str(b): round(v, 2) for b, v in sweep.items()},
+        "replica_alone_by_budget": {str(b): round(v, 2) for b, v in sweep.items()},
     }
     print(f"\n{len(paths)} files, {audio_s / 60:.1f} min of audio, {result['model']}, job precision "
           f"{args.precision}, {result['machine']}")
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
     for budget, value in sweep.items():
-        print(f"bare-forward at max_batch_samples={budget:>9,d}: {value:8.2f} audio s/s")
+        print(f"replica-alone at max_batch_samples={budget:>9,d}: {value:8.2f} audio s/s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
