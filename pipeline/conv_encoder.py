@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 
 
+def conv_output_frames(samples: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Valid output frames of an unpadded conv layer for ``samples`` valid input frames (none below
+    the kernel)."""
+    return (torch.div(samples - kernel, stride, rounding_mode="floor") + 1).clamp_(min=0)
+
+
 class UnsupportedEncoder(ValueError):
     """The encoder's layers are not the conv → norm → activation stack this module computes."""
 
@@ -56,9 +62,6 @@ class _Layer:
             self._weights[dtype] = (w.to(dtype).contiguous(), None if b is None else b.detach().to(dtype))
         return self._weights[dtype]
 
-    def frames(self, samples: torch.Tensor) -> torch.Tensor:
-        """Valid output frames for ``samples`` valid input frames (none below the kernel)."""
-        return (torch.div(samples - self.kernel, self.stride, rounding_mode="floor") + 1).clamp_(min=0)
 
     def conv_matmul(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, T, C_in)`` contiguous → ``(B, T', C_out)``: the windows as one matrix product."""
@@ -102,7 +105,7 @@ class MatmulFeatureEncoder(torch.nn.Module):
                 # wants fp32 anyway.
                 h = layer.conv_matmul(h.float() if layer.in_channels == 1 else h.to(dtype))
                 if lengths is not None:
-                    lengths = layer.frames(lengths)
+                    lengths = conv_output_frames(lengths, layer.kernel, layer.stride)
                 if layer.norm_kind == "group":
                     h = self._group_norm(h, layer, lengths, dtype)
                 elif layer.norm_kind == "layer":

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor
 
 from pipeline import bundled
-from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder
+from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder, conv_output_frames
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,7 @@ class CTCTranscriber:
         if self.use_attention_mask:
             mask = (torch.arange(inputs.shape[1]) < n[:, None]).to(self.device)
         if self._norm is not None:
-            kernel, stride = self._first_conv
-            self._norm.frames = torch.div(n - kernel, stride, rounding_mode="floor") + 1
+            self._norm.frames = conv_output_frames(n, *self._first_conv)
         if self._valid_lengths:
             self._encoder.lengths = n
         try:
