@@ -146,8 +146,8 @@ def positional_conv_in_fp32(model) -> None:
 # process starts, before any thread exists (``mallopt`` later does not reach the arenas of threads
 # already running, and Ray calls a replica from a pool thread). Without them glibc gives every block
 # over 32 MiB back to the kernel and maps the next one afresh, so each large activation of a CPU
-# forward pass is paid for again in page faults: wav2vec2-base's bf16 forward on the 2-core CPU took
-# 3.3 s with glibc's defaults and 2.8 s with these (6 rows of 12.5 s). The heap keeps its high-water
+# forward pass is paid for again in page faults: on the 2-core CPU the replica's bf16 forward ran 20%
+# faster with these (``jobs/benchmark.py`` with and without ``--glibc-malloc``). The heap keeps its high-water
 # mark instead, which a replica running one model over and over reaches on its first large batch.
 CPU_ALLOCATOR_ENV = {
     "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena maps large blocks anyway
