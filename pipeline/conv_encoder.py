@@ -3,8 +3,10 @@
 On CPUs ``nn.Conv1d`` (oneDNN) runs these layers far below the machine's matmul speed: with bf16
 on an AVX-512 CPU the 512→512 kernel-3 stride-2 layer ran at a third of the speed of the same
 product as one matmul over overlapping windows, and the encoder took ~70 % of the whole forward
-pass. Each layer here is that matmul: a window view of the channels-last input (frames ``t*s ..
-t*s+k-1`` are ``k*C`` consecutive numbers) times the kernel flattened to ``(k*C_in, C_out)``.
+pass. Here each layer is matrix products over views of the channels-last input (no im2col copy),
+computed a few thousand output frames at a time, so the fp32 temporaries of norm and activation
+stay in cache and are reused instead of being fresh 100 MB tensors whose first-touch page faults
+cost as much as the arithmetic. The raw-audio layer's group norm is folded into its kernel.
 Same weights and, but for the raw-audio layer's conv (fp32 here, one rounding fewer), the same
 order of roundings as the stock layers under autocast: convs in the compute dtype, norms in fp32,
 each activation in the dtype the stock layer gives it.
@@ -37,8 +39,11 @@ def _norm_kind(layer: torch.nn.Module, out_channels: int) -> str:
     raise UnsupportedEncoder(f"{type(layer).__name__} has a {type(norm).__name__} this encoder does not compute")
 
 
+CHUNK_FRAMES = 4096  # output frames computed at once: 8 MB of fp32 at 512 channels
+
+
 class _Layer:
-    """One conv layer's settings and its kernel as a matrix, per dtype."""
+    """One conv layer's settings and its kernel as matrices, per dtype."""
 
     def __init__(self, layer: torch.nn.Module):
         conv = getattr(layer, "conv", None)
@@ -52,25 +57,61 @@ class _Layer:
         self.norm = getattr(layer, "layer_norm", None)
         self.activation = layer.activation
         self.conv = conv
-        self._weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]] = {}
 
-    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(C_out, k*C_in)`` with columns ordered (tap, channel), and the bias, in ``dtype``."""
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """In ``dtype``: the kernel ``(C_out, k*C_in)`` with columns ordered (tap, channel), the
+        bias, and the kernel's transpose cut into ``⌈k/s⌉`` pieces ``(width, C_out)``, one per
+        block of ``s`` input frames (the last may be partial)."""
         if dtype not in self._weights:
-            w = self.conv.weight.detach().permute(0, 2, 1).reshape(self.out_channels, -1)
+            w = self.conv.weight.detach().permute(0, 2, 1).reshape(self.out_channels, -1).to(dtype).contiguous()
             b = self.conv.bias
-            self._weights[dtype] = (w.to(dtype).contiguous(), None if b is None else b.detach().to(dtype))
+            step = self.stride * self.in_channels
+            parts = [w[:, q : q + step].t().contiguous() for q in range(0, w.shape[1], step)]
+            self._weights[dtype] = (w, None if b is None else b.detach().to(dtype), parts)
         return self._weights[dtype]
 
+    def steps(self, h: torch.Tensor) -> int:
+        """Output frames for ``h``'s ``(B, T, C_in)``."""
+        return max(0, (h.shape[1] - self.kernel) // self.stride + 1)
 
-    def conv_matmul(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B, T, C_in)`` contiguous → ``(B, T', C_out)``: the windows as one matrix product."""
-        h = h.contiguous()  # the window view below assumes (T, C) rows laid out densely
-        rows, steps = h.shape[0], (h.shape[1] - self.kernel) // self.stride + 1
-        width = self.kernel * self.in_channels
-        windows = h.as_strided((rows, steps, width), (h.stride(0), self.stride * self.in_channels, 1))
-        weight, bias = self.weights(h.dtype)
-        return F.linear(windows, weight, bias)
+    def conv_frames(self, h: torch.Tensor, row: int, start: int, stop: int) -> torch.Tensor:
+        """Output frames ``start:stop`` of row ``row`` of the conv over contiguous ``(B, T, C_in)``,
+        ``(stop - start, C_out)`` in ``h``'s dtype.
+
+        A window (frames ``t*s .. t*s+k-1``, ``k*C_in`` consecutive numbers) overlaps the next
+        one, so one product over all windows makes the matmul copy them first (their im2col: for
+        512 channels a third as long as the product). Cut at every ``s`` frames instead, each
+        piece is a matrix whose rows lie densely ``s*C_in`` apart: ``⌈k/s⌉`` products, added.
+        """
+        _, bias, parts = self.weights(h.dtype)
+        step = self.stride * self.in_channels
+        offset = h.storage_offset() + row * h.stride(0) + start * step
+        out = None
+        for q, part in enumerate(parts):
+            view = h.as_strided((stop - start, part.shape[0]), (step, 1), offset + q * step)
+            if out is not None:
+                out.addmm_(view, part)
+            else:
+                out = torch.mm(view, part) if bias is None else torch.addmm(bias, view, part)
+        return out
+
+    def __call__(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, T, C_in)`` → conv → norm (layer norm, in fp32) → activation → ``(B, T', C_out)``
+        in ``dtype``."""
+        h = h.contiguous()  # the views in conv_frames() assume (T, C) rows laid out densely
+        steps = self.steps(h)
+        out = torch.empty(h.shape[0], steps, self.out_channels, dtype=dtype)
+        for row in range(h.shape[0]):
+            for start in range(0, steps, CHUNK_FRAMES):
+                stop = min(steps, start + CHUNK_FRAMES)
+                x = self.conv_frames(h, row, start, stop)
+                if self.norm_kind == "layer":
+                    # CPU autocast runs layer_norm in fp32; the stock layer's output is then rounded
+                    # once, to the compute dtype, as the assignment does here.
+                    x = F.layer_norm(x.float(), *_affine(self.norm))
+                out[row, start:stop] = self.activation(x)
+        return out
 
 
 class MatmulFeatureEncoder(torch.nn.Module):
@@ -92,6 +133,8 @@ class MatmulFeatureEncoder(torch.nn.Module):
         self.layers = [_Layer(layer) for layer in layers]
         if self.layers[0].in_channels != 1:
             raise UnsupportedEncoder("the first conv layer does not take one channel of raw audio")
+        if any(layer.norm_kind == "group" for layer in self.layers[1:]):
+            raise UnsupportedEncoder("a group norm after the raw-audio layer")
         self.lengths: torch.Tensor | None = None
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
@@ -99,47 +142,53 @@ class MatmulFeatureEncoder(torch.nn.Module):
         dtype = torch.get_autocast_dtype("cpu") if autocast else input_values.dtype
         lengths = self.lengths
         with torch.autocast("cpu", enabled=False):
-            h = input_values[:, :, None]
+            # The raw-audio layer in fp32: ten multiply-adds per output, and a norm wants fp32 anyway.
+            h = input_values.float()[:, :, None]
             for layer in self.layers:
-                # The raw-audio layer's conv in fp32: ten multiply-adds per output, and its norm
-                # wants fp32 anyway.
-                h = layer.conv_matmul(h.float() if layer.in_channels == 1 else h.to(dtype))
                 if lengths is not None:
                     lengths = conv_output_frames(lengths, layer.kernel, layer.stride)
                 if layer.norm_kind == "group":
-                    h = self._group_norm(h, layer, lengths, dtype)
-                elif layer.norm_kind == "layer":
-                    # Out in the compute dtype, as the stock layer: CPU autocast keeps layer_norm's
-                    # input dtype (computed in fp32 here, then rounded once).
-                    h = layer.activation(F.layer_norm(h.float(), *_affine(layer.norm))).to(dtype)
+                    h = self._normalised_audio_conv(h, layer, lengths, dtype)
                 else:
-                    h = layer.activation(h)
+                    h = layer(h if layer.in_channels == 1 else h.to(dtype), dtype)
         return h.transpose(1, 2)
 
     @staticmethod
-    def _group_norm(h: torch.Tensor, layer: _Layer, lengths: torch.Tensor | None, dtype) -> torch.Tensor:
-        """Per row and channel over time, then the activation; over each row's valid frames only
-        when ``lengths`` is given. Statistics in fp32, as autocast runs ``group_norm``.
+    def _normalised_audio_conv(audio: torch.Tensor, layer: _Layer, lengths: torch.Tensor | None,
+                               dtype: torch.dtype) -> torch.Tensor:
+        """The raw-audio layer (``(B, L, 1)`` fp32 in) with its group norm (per row and channel,
+        over time; over each row's ``lengths`` valid frames when given) folded into its kernel,
+        then the activation, in ``dtype``; padded frames are zeros.
 
-        Written out (mean, centred sum of squares, one multiply-add) because ``torch.var_mean``
-        over time in this layout took twice as long as the rest of the layer on a CPU; scratch
-        buffers are reused because first-touch page faults on fresh 100 MB tensors cost as much
-        as the arithmetic.
+        A channel's conv output is ``x = w·u + b`` over the audio's windows ``u`` (ten samples),
+        so its mean and variance over a row are ``w·ū + b`` and ``wᵀΣw``, from the windows' mean
+        ``ū`` and ``k × k`` covariance ``Σ`` (float64 here, more exact than fp32 sums over 10⁵
+        frames). The norm is then one affine map per channel, ``a·x + c``, which the kernel and
+        bias absorb: the layer is one product and the activation, where the norm written out
+        (mean, centred squares, scale) made five passes over a 512-channel fp32 tensor and took
+        three times as long as the conv on a CPU.
         """
         norm = layer.norm
-        out = torch.empty(h.shape, dtype=dtype)
-        valid = lengths.tolist() if lengths is not None else [h.shape[1]] * h.shape[0]
-        centred = torch.empty(h.shape[1:], dtype=torch.float32)
-        scratch = torch.empty_like(centred)
-        for row, n in enumerate(valid):
-            x = h[row, :n].float()
-            mean = x.sum(0) / n
-            d = torch.sub(x, mean, out=centred[:n])
-            var = torch.mul(d, d, out=scratch[:n]).sum(0) / n
-            scale = norm.weight * torch.rsqrt(var + norm.eps)
-            y = torch.mul(d, scale, out=scratch[:n]).add_(norm.bias)
-            out[row, :n] = layer.activation(y)
-            out[row, n:] = 0
+        audio = audio.contiguous()
+        rows, steps = audio.shape[0], layer.steps(audio)
+        windows = audio.as_strided((rows, steps, layer.kernel), (audio.stride(0), layer.stride, 1))
+        w = layer.weights(torch.float32)[0].double()
+        b = layer.conv.bias.double() if layer.conv.bias is not None else torch.zeros(layer.out_channels,
+                                                                                     dtype=torch.float64)
+        out = torch.zeros(rows, steps, layer.out_channels, dtype=dtype)
+        for row, n in enumerate(lengths.tolist() if lengths is not None else [steps] * rows):
+            if n == 0:
+                continue
+            u = windows[row, :n].double()
+            d = u - u.mean(0)
+            covariance = d.T @ d / n
+            mean = w @ u.mean(0) + b
+            scale = norm.weight.double() * torch.rsqrt(((w @ covariance) * w).sum(1) + norm.eps)
+            kernel = (w * scale[:, None]).T.float()
+            shift = (norm.bias.double() + scale * (b - mean)).float()
+            for start in range(0, n, CHUNK_FRAMES):
+                stop = min(n, start + CHUNK_FRAMES)
+                out[row, start:stop] = layer.activation(torch.addmm(shift, windows[row, start:stop], kernel))
         return out
 
 

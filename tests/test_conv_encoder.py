@@ -76,12 +76,10 @@ def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_mode
             frames = alone.shape[1]
             torch.testing.assert_close(got[row, :, :frames], alone, atol=1e-5, rtol=1e-4)
     if kind == "group":
-        fast.lengths = None
         first = fast.layers[0]
+        frames = conv_output_frames(lengths, first.kernel, first.stride)
         with torch.inference_mode():
-            h = first.conv_matmul(x[:, :, None])
-            frames = conv_output_frames(lengths, first.kernel, first.stride)
-            normed = fast._group_norm(h, first, frames, torch.float32)
+            normed = fast._normalised_audio_conv(x[:, :, None], first, frames, torch.float32)
         for row, n in enumerate(frames.tolist()):
             assert not normed[row, n:].any()
 
@@ -126,4 +124,8 @@ def test_unknown_layers_keep_the_stock_encoder_and_say_why(group_model, caplog):
     stock.conv_layers[2].__class__ = Wav2Vec2NoLayerNormConvLayer
     stock.conv_layers[0].layer_norm = torch.nn.GroupNorm(4, 16)
     with pytest.raises(UnsupportedEncoder, match="GroupNorm this encoder does not compute"):
+        MatmulFeatureEncoder(stock)
+    stock.conv_layers[0].layer_norm = torch.nn.GroupNorm(16, 16)
+    stock.conv_layers[1].layer_norm = torch.nn.GroupNorm(16, 16)
+    with pytest.raises(UnsupportedEncoder, match="a group norm after the raw-audio layer"):
         MatmulFeatureEncoder(stock)
