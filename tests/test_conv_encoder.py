@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormConvLayer
 
-from pipeline import demo_model
+from pipeline import conv_encoder, demo_model
 from pipeline.audio import normalize
 from pipeline.bundled import input_path, model_path
 from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder, conv_output_frames
@@ -47,6 +47,25 @@ def test_equals_the_stock_encoder_in_fp32(kind, group_model, layer_model):
         want, got = stock(x), fast(x)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
+def test_pieces_of_a_few_frames_give_the_same_result(kind, group_model, layer_model, monkeypatch):
+    """Frames are computed CHUNK_FRAMES at a time: cut every few frames, in every layer, the
+    result is still the stock encoder's (with and without lengths)."""
+    stock, fast = _encoders(kind, group_model, layer_model)
+    x, lengths = _batch(3)
+    with torch.inference_mode():
+        whole = fast(x)
+        fast.lengths = lengths
+        whole_valid = fast(x)
+        monkeypatch.setattr(conv_encoder, "CHUNK_FRAMES", 7)
+        pieces_valid = fast(x)
+        fast.lengths = None
+        pieces, want = fast(x), stock(x)
+    torch.testing.assert_close(pieces, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pieces_valid, whole_valid, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
