@@ -49,7 +49,7 @@ from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
-from pipeline.model import CPU_ALLOCATOR_ENV, PRECISIONS, CTCTranscriber, ModelSpec, positional_conv_in_fp32
+from pipeline.model import CPU_ALLOCATOR_ENV, PRECISIONS, CTCTranscriber, ModelSpec, guard_positional_conv
 
 RATE = 16_000
 
@@ -134,7 +134,7 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
     model = AutoModelForCTC.from_pretrained(model_dir).to(device).eval()
     dtype = PRECISIONS[precision]
     if dtype is not None and device == "cpu":
-        positional_conv_in_fp32(model)  # as the job's CPU replicas do (see pipeline.model)
+        guard_positional_conv(model, dtype)  # as the job's CPU replicas do (see pipeline.model)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch

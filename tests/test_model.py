@@ -166,3 +166,37 @@ def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
     ref = Reference(group_model)
     batch = _utterances(5, 3)
     assert t.transcribe(batch) == [ref(w) for w in batch]
+
+
+@pytest.mark.parametrize("model", ["demo", "base-shape"])
+def test_positional_conv_runs_in_bf16_only_where_this_cpu_computes_it_right(model):
+    """A probe decides per model; after it, the positional conv under bf16 autocast is within bf16's
+    error of fp32. (On torch 2.13's CPU kernels the demo model's shape, 16 groups of 12 channels with
+    kernel 64, is wrong in bf16 and goes to fp32; wav2vec2-base's, 16 groups of 48 with kernel 128,
+    stays in bf16.)"""
+    from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from pipeline.bundled import model_path
+    from pipeline.model import POSITIONAL_CONV_TOLERANCE, guard_positional_conv
+
+    torch.manual_seed(0)
+    if model == "demo":
+        ctc = AutoModelForCTC.from_pretrained(model_path("@demo")).eval()
+    else:
+        ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32, num_hidden_layers=1, intermediate_size=64)).eval()
+    conv = ctc.base_model.encoder.pos_conv_embed
+    hidden = torch.randn(3, 257, ctc.config.hidden_size)
+
+    def deviation():
+        with torch.inference_mode():
+            want = conv(hidden)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = conv(hidden).float()
+        return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+    before = deviation()
+    in_fp32 = guard_positional_conv(ctc, torch.bfloat16)
+    after = deviation()
+    print(f"\n{model}: bf16 deviation {before:.3g}, guarded: {in_fp32}, after {after:.3g}")
+    assert in_fp32 == (before > POSITIONAL_CONV_TOLERANCE)
+    assert after <= 0.02 and (after == 0.0) == in_fp32
