@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--exact-cost", action="store_true",
                     help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
     ap.add_argument("--glibc-malloc", action="store_true",
-                    help="run 1-3b with glibc's default allocator settings instead of the job's replicas' ones")
+                    help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
+                         "ones (needed for the seed path on long corpora: under the replicas' settings its "
+                         "heap grew to 24 GB on 30 minutes); the job's replicas keep theirs")
     args = ap.parse_args(argv)
     defaults = [f"ray.num_cpus={args.threads}"] + (
         ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
