@@ -42,6 +42,12 @@ def _norm_kind(layer: torch.nn.Module, out_channels: int) -> str:
 CHUNK_FRAMES = 4096  # output frames computed at once: 8 MB of fp32 at 512 channels
 
 
+def _chunks(frames: int):
+    """``(start, stop)`` of each run of at most ``CHUNK_FRAMES`` frames in ``range(frames)``."""
+    for start in range(0, frames, CHUNK_FRAMES):
+        yield start, min(frames, start + CHUNK_FRAMES)
+
+
 class _Layer:
     """One conv layer's settings and its kernel as matrices, per dtype."""
 
@@ -103,8 +109,7 @@ class _Layer:
         steps = self.steps(h)
         out = torch.empty(h.shape[0], steps, self.out_channels, dtype=dtype)
         for row in range(h.shape[0]):
-            for start in range(0, steps, CHUNK_FRAMES):
-                stop = min(steps, start + CHUNK_FRAMES)
+            for start, stop in _chunks(steps):
                 x = self.conv_frames(h, row, start, stop)
                 if self.norm_kind == "layer":
                     # CPU autocast runs layer_norm in fp32; the stock layer's output is then rounded
@@ -180,14 +185,14 @@ class MatmulFeatureEncoder(torch.nn.Module):
             if n == 0:
                 continue
             u = windows[row, :n].double()
-            d = u - u.mean(0)
+            u_mean = u.mean(0)
+            d = u - u_mean
             covariance = d.T @ d / n
-            mean = w @ u.mean(0) + b
+            mean = w @ u_mean + b
             scale = norm.weight.double() * torch.rsqrt(((w @ covariance) * w).sum(1) + norm.eps)
             kernel = (w * scale[:, None]).T.float()
             shift = (norm.bias.double() + scale * (b - mean)).float()
-            for start in range(0, n, CHUNK_FRAMES):
-                stop = min(n, start + CHUNK_FRAMES)
+            for start, stop in _chunks(n):
                 out[row, start:stop] = layer.activation(torch.addmm(shift, windows[row, start:stop], kernel))
         return out
 

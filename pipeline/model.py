@@ -121,10 +121,18 @@ class ValidFramesGroupNorm(torch.nn.Module):
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _relative_deviation(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest ``|got - want|`` relative to ``max(1, max |want|)``: what the load-time probes compare."""
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+def _positional_conv(model) -> torch.nn.Module | None:
+    return getattr(getattr(model.base_model, "encoder", None), "pos_conv_embed", None)
+
+
 def positional_conv_in_fp32(model) -> None:
     """Run the encoder's positional conv outside autocast, in fp32 (see :func:`guard_positional_conv`)."""
-    encoder = getattr(model.base_model, "encoder", None)
-    conv = getattr(encoder, "pos_conv_embed", None)
+    conv = _positional_conv(model)
     if conv is None:
         return
     forward = conv.forward
@@ -149,8 +157,7 @@ def guard_positional_conv(model, dtype: torch.dtype) -> bool:
     returns errors as large as its output (3.3 for outputs up to 3.2), which garbled every
     transcript. A probe on random frames, autocast against fp32, decides for each model.
     """
-    encoder = getattr(model.base_model, "encoder", None)
-    conv = getattr(encoder, "pos_conv_embed", None)
+    conv = _positional_conv(model)
     if conv is None:
         return False
     generator = torch.Generator().manual_seed(0)
@@ -159,7 +166,7 @@ def guard_positional_conv(model, dtype: torch.dtype) -> bool:
         want = conv(hidden)
         with torch.autocast("cpu", dtype=dtype):
             got = conv(hidden).float()
-    deviation = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+    deviation = _relative_deviation(got, want)
     if deviation <= POSITIONAL_CONV_TOLERANCE:
         return False
     log.info("positional conv in fp32: in %s it deviates by %.3g on a probe", dtype, deviation)
@@ -171,9 +178,11 @@ def guard_positional_conv(model, dtype: torch.dtype) -> bool:
 # process starts, before any thread exists (``mallopt`` later does not reach the arenas of threads
 # already running, and Ray calls a replica from a pool thread). Without them glibc gives every block
 # over 32 MiB back to the kernel and maps the next one afresh, so each large activation of a CPU
-# forward pass is paid for again in page faults: on the 2-core CPU the replica's bf16 forward ran 20%
-# faster with these (``jobs/benchmark.py`` with and without ``--glibc-malloc``). The heap keeps its high-water
-# mark instead, which a replica running one model over and over reaches on its first large batch.
+# forward pass is paid for again in page faults: inside the job on the 2-core CPU the replica's bf16
+# forward passes ran ~12% faster with these (one pair of runs; alone, the chunked matmul encoder runs
+# as fast without them). The heap keeps its high-water mark and never shrinks: a process whose
+# allocations vary widely in size can fragment it (the benchmark's seed path grew to 24 GB on 30
+# minutes of audio), so this is for the replicas, whose batches repeat one model's shapes.
 CPU_ALLOCATOR_ENV = {
     "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena maps large blocks anyway
     "MALLOC_MMAP_THRESHOLD_": str(2**31 - 1),
@@ -254,9 +263,7 @@ class CTCTranscriber:
         except Exception as exc:  # noqa: BLE001 - a layer it computes wrongly may also fail: keep the stock one
             log.warning("%s: keeping the stock conv feature encoder (the matmul one failed: %s)", name, exc)
             return None
-        deviation = math.inf
-        if want.shape == got.shape:
-            deviation = float((want - got).abs().max()) / max(1.0, float(want.abs().max()))
+        deviation = _relative_deviation(got, want) if want.shape == got.shape else math.inf
         if deviation > self.PROBE_TOLERANCE:
             log.warning("%s: keeping the stock conv feature encoder (the matmul one differs by %.3g on a probe)",
                         name, deviation)
