@@ -162,14 +162,18 @@ def guard_positional_conv(model, dtype: torch.dtype) -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn((2, 300, model.config.hidden_size), generator=generator)
-    with torch.inference_mode():
-        want = conv(hidden)
-        with torch.autocast("cpu", dtype=dtype):
-            got = conv(hidden).float()
-    deviation = _relative_deviation(got, want)
-    if deviation <= POSITIONAL_CONV_TOLERANCE:
-        return False
-    log.info("positional conv in fp32: in %s it deviates by %.3g on a probe", dtype, deviation)
+    try:
+        with torch.inference_mode():
+            want = conv(hidden)
+            with torch.autocast("cpu", dtype=dtype):
+                got = conv(hidden).float()
+        deviation = _relative_deviation(got, want)
+    except Exception as exc:  # noqa: BLE001 - a conv the probe cannot call keeps fp32, as before the probe
+        log.info("positional conv in fp32: the probe failed (%s)", exc)
+    else:
+        if deviation <= POSITIONAL_CONV_TOLERANCE:
+            return False
+        log.info("positional conv in fp32: in %s it deviates by %.3g on a probe", dtype, deviation)
     positional_conv_in_fp32(model)
     return True
 

@@ -200,3 +200,18 @@ def test_positional_conv_runs_in_bf16_only_where_this_cpu_computes_it_right(mode
     print(f"\n{model}: bf16 deviation {before:.3g}, guarded: {in_fp32}, after {after:.3g}")
     assert in_fp32 == (before > POSITIONAL_CONV_TOLERANCE)
     assert after <= 0.02 and (after == 0.0) == in_fp32
+
+
+def test_a_positional_conv_the_probe_cannot_call_stays_in_fp32():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from pipeline.model import guard_positional_conv
+
+    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32, num_hidden_layers=1, intermediate_size=64,
+                                        hidden_size=64, num_attention_heads=2)).eval()
+
+    def needs_a_mask(hidden_states, mask):
+        return hidden_states
+
+    ctc.base_model.encoder.pos_conv_embed.forward = needs_a_mask
+    assert guard_positional_conv(ctc, torch.bfloat16)
