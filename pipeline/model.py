@@ -1,8 +1,8 @@
 """wav2vec2-family CTC inference on padded batches. Pure: no Ray.
 
-Loading goes through ``AutoProcessor`` / ``AutoModelForCTC``, so a hub id and a local folder
-take the same path. Decoding is greedy, exactly as the reference code path:
-argmax over the logits, then ``processor.batch_decode``.
+Loading goes through ``AutoFeatureExtractor`` / ``AutoTokenizer`` / ``AutoModelForCTC``, so a hub
+id and a local folder take the same path. Decoding is greedy, exactly as the reference code path:
+argmax over the logits, then the tokenizer's ``batch_decode`` (what ``processor.batch_decode`` calls).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor
+# Not AutoProcessor: a checkpoint that decodes with an LM names Wav2Vec2ProcessorWithLM, which it
+# cannot load without pyctcdecode and kenlm, and whose batch_decode takes logits, not ids.
+from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
 from pipeline import bundled
 from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder, conv_output_frames
@@ -222,7 +224,8 @@ class CTCTranscriber:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
-        self.processor = AutoProcessor.from_pretrained(spec.source, **spec.kwargs())
+        feature_extractor = AutoFeatureExtractor.from_pretrained(spec.source, **spec.kwargs())
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.source, **spec.kwargs())
         self.model = AutoModelForCTC.from_pretrained(
             spec.source, use_safetensors=not spec.allow_pickle_weights, **spec.kwargs())
         self.model.to(self.device).eval()
@@ -237,7 +240,7 @@ class CTCTranscriber:
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]
         # The standard path: models whose feature extractor returns an attention mask were trained
         # with one; the others (group-norm front end, e.g. base-960h) get none.
-        self.use_attention_mask = bool(self.processor.feature_extractor.return_attention_mask)
+        self.use_attention_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
         self._norm: ValidFramesGroupNorm | None = None
         self._valid_lengths = False  # whether _encoder gets each row's valid length
         # exact=False keeps the standard padding: only for measuring what exactness costs.
@@ -358,7 +361,7 @@ class CTCTranscriber:
         """
         ids = self.logits(waves).argmax(dim=-1).cpu()
         frames = self.frames([len(w) for w in waves])
-        texts = self.processor.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
+        texts = self.tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
         if len(texts) != len(waves):
             raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(waves)} rows")
         return texts

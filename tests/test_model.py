@@ -168,6 +168,22 @@ def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
     assert t.transcribe(batch) == [ref(w) for w in batch]
 
 
+def test_a_checkpoint_whose_processor_decodes_with_an_lm_loads_and_decodes_greedily(group_model, tmp_path):
+    """Such a checkpoint names ``Wav2Vec2ProcessorWithLM``, which ``AutoProcessor`` cannot load
+    without pyctcdecode and kenlm and whose ``batch_decode`` takes logits; the replica loads its
+    feature extractor and tokenizer alone, and decodes greedily as for any other."""
+    import json
+
+    folder = shutil.copytree(group_model, tmp_path / "with-lm")
+    config = folder / "processor_config.json"
+    settings = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**settings, "processor_class": "Wav2Vec2ProcessorWithLM"}))
+    batch = _utterances(6, 3)
+    got = CTCTranscriber(ModelSpec(str(folder)), device="cpu").transcribe(batch)
+    assert got == CTCTranscriber(ModelSpec(str(group_model)), device="cpu").transcribe(batch)
+    assert got == [Reference(group_model)(w) for w in batch]
+
+
 @pytest.mark.parametrize("model", ["demo", "base-shape"])
 def test_positional_conv_runs_in_bf16_only_where_this_cpu_computes_it_right(model):
     """A probe decides per model; after it, the positional conv under bf16 autocast is within bf16's
