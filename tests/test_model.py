@@ -231,3 +231,32 @@ def test_a_positional_conv_the_probe_cannot_call_stays_in_fp32():
 
     ctc.base_model.encoder.pos_conv_embed.forward = needs_a_mask
     assert guard_positional_conv(ctc, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_weights_cast_once_give_autocasts_logits_bit_for_bit(dtype):
+    """Autocast casts each linear weight on every forward; storing them cast changes no logit."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from pipeline.model import cast_linear_weights
+
+    torch.manual_seed(0)
+    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32, num_hidden_layers=2, intermediate_size=128,
+                                        hidden_size=64, num_attention_heads=2)).eval()
+    inputs = torch.randn(2, 8_000)
+
+    def logits():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+            return ctc(inputs).logits.float()
+
+    before = logits()
+    assert cast_linear_weights(ctc, dtype) == 2 * 4 + 2 * 2 + 2  # attention, feed-forward, projection, head
+    assert ctc.lm_head.weight.dtype == dtype and ctc.base_model.feature_projection.layer_norm.weight.dtype == torch.float32
+    assert torch.equal(logits(), before)
+
+
+def test_a_reduced_precision_replica_keeps_its_linear_weights_cast(group_model):
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="bf16")
+    linear = [m for m in t.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert t.batch_invariant  # its probe ran in fp32, before the cast
