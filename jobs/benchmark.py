@@ -29,6 +29,7 @@ depend on the weights). Audio is noise plus chirps: speed does not depend on the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -213,11 +214,16 @@ def main(argv: list[str] | None = None) -> dict:
         seconds: dict[str, list[float]] = {}
         summaries = []
         for _ in range(args.repeats):
+            # Each path starts with the earlier paths' garbage collected: otherwise Ray's driver
+            # collects it during the job (its process held the peers' models and pipelines).
+            gc.collect()
             if "seed" not in args.skip:
                 seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths, args.device)))
             if "hf-pipeline" not in args.skip:
+                gc.collect()
                 seconds.setdefault("hf-pipeline", []).append(
                     timed(lambda: hf_pipeline(model_dir, paths, args.device)))
+                gc.collect()
             waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
             bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device)
             seconds.setdefault("bare-forward", []).append(bare_s)
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds.setdefault("replica-plain", []).append(
                     replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
             del waves
+            gc.collect()
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
