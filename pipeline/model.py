@@ -259,7 +259,7 @@ class CTCTranscriber:
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]
         # The standard path: models whose feature extractor returns an attention mask were trained
         # with one; the others (group-norm front end, e.g. base-960h) get none.
-        self.use_attention_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+        self.use_attention_mask = bool(feature_extractor.return_attention_mask)
         self._norm: ValidFramesGroupNorm | None = None
         self._valid_lengths = False  # whether _encoder gets each row's valid length
         # exact=False keeps the standard padding: only for measuring what exactness costs.
