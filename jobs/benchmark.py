@@ -86,6 +86,7 @@ def base_model_folder(folder: Path, model: str | None) -> str:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    gc.collect()  # the earlier paths' garbage, collected before the clock starts, not during the run
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -214,16 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         seconds: dict[str, list[float]] = {}
         summaries = []
         for _ in range(args.repeats):
-            # Each path starts with the earlier paths' garbage collected: otherwise Ray's driver
-            # collects it during the job (its process held the peers' models and pipelines).
-            gc.collect()
             if "seed" not in args.skip:
                 seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths, args.device)))
             if "hf-pipeline" not in args.skip:
-                gc.collect()
                 seconds.setdefault("hf-pipeline", []).append(
                     timed(lambda: hf_pipeline(model_dir, paths, args.device)))
-                gc.collect()
+            gc.collect()  # 3 and 3b time only their forward passes, after this
             waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
             bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device)
             seconds.setdefault("bare-forward", []).append(bare_s)
@@ -233,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds.setdefault("replica-plain", []).append(
                     replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
             del waves
-            gc.collect()
+            gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
