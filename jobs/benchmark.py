@@ -18,7 +18,7 @@ audio-seconds per second for:
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
-(``pipeline.model.CPU_ALLOCATOR_ENV``), so every path allocates as the job's CPU replicas do;
+(``pipeline.model.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
 ``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
 ``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device.
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
@@ -50,7 +50,7 @@ from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
-from pipeline.model import CPU_ALLOCATOR_ENV, PRECISIONS, CTCTranscriber, ModelSpec, guard_positional_conv
+from pipeline.model import CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpec, guard_positional_conv
 
 RATE = 16_000
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "device": args.device, "overrides": args.overrides,
-        "allocator": "glibc defaults" if args.glibc_malloc else "CPU_ALLOCATOR_ENV",
+        "allocator": "glibc defaults" if args.glibc_malloc else "CPU_REPLICA_ENV",
         "audio_s_per_s": {k: round(v, 2) for k, v in speed.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if "--glibc-malloc" not in sys.argv and any(os.environ.get(k) != v for k, v in CPU_ALLOCATOR_ENV.items()):
+    if "--glibc-malloc" not in sys.argv and any(os.environ.get(k) != v for k, v in CPU_REPLICA_ENV.items()):
         # glibc reads these only when a process starts: start again with them.
         os.execve(sys.executable, [sys.executable, "-m", "jobs.benchmark", *sys.argv[1:]],
-                  {**os.environ, **CPU_ALLOCATOR_ENV})
+                  {**os.environ, **CPU_REPLICA_ENV})
     main()

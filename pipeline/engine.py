@@ -28,7 +28,7 @@ import pipeline
 from pipeline import schema as S
 from pipeline.config import JobConfig
 from pipeline.manifest import ManifestError, read_manifest
-from pipeline.model import CPU_ALLOCATOR_ENV, FrontEnd, ModelSpec, load_front_end
+from pipeline.model import CPU_REPLICA_ENV, FrontEnd, ModelSpec, load_front_end
 from pipeline.stages import SHARD_PREFIX, DecodeStage, ShardWriter, TranscribeStage, commit_file
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def metadata(p: Plan) -> dict[str, Any]:
 def _init_ray(cfg: JobConfig) -> bool:
     """Join ``ray.address`` or start Ray in-process; return whether this call started it.
 
-    Ray started here hands ``CPU_ALLOCATOR_ENV`` to all its processes through the raylet's
+    Ray started here hands ``CPU_REPLICA_ENV`` to all its processes through the raylet's
     environment (decode workers and Ray's own keep their freed memory too: small heaps here);
     elsewhere only the CPU replicas get it, as their runtime environment, which costs each job
     ~1.6 s more to start them (measured on the 2-core CPU).
@@ -159,8 +159,8 @@ def _init_ray(cfg: JobConfig) -> bool:
         kwargs["runtime_env"] = {"py_modules": [str(Path(pipeline.__file__).parent)]}
         ray.init(address=cfg.ray.address, **kwargs)
         return True
-    saved = {key: os.environ.get(key) for key in CPU_ALLOCATOR_ENV}
-    os.environ.update(CPU_ALLOCATOR_ENV)
+    saved = {key: os.environ.get(key) for key in CPU_REPLICA_ENV}
+    os.environ.update(CPU_REPLICA_ENV)
     try:
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
     finally:
@@ -198,7 +198,7 @@ def _check_resources(cfg: JobConfig) -> None:
 def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -> ray.data.Dataset:
     """Manifest rows → decode tasks → inference actor pool → shard writers, as one lazy Dataset
     whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
-    ``CPU_ALLOCATOR_ENV`` (Ray started in this process), else CPU replicas are given it."""
+    ``CPU_REPLICA_ENV`` (Ray started in this process), else CPU replicas are given it."""
     cfg = p.cfg
     rows = cfg.decode.rows_per_task
     blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)]
@@ -235,7 +235,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         num_gpus=inf.gpus_per_replica,
         max_restarts=inf.max_restarts,
         max_task_retries=inf.max_restarts,
-        runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_ALLOCATOR_ENV},
+        runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_REPLICA_ENV},
         udf_modifying_row_count=False,
     )
     return ds.map_batches(

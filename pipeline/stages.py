@@ -159,6 +159,7 @@ class TranscribeStage:
                                   self.max_padding_waste):
             for i, text, padded_len in self._run([todo[b] for b in batch], waves, paths, fail):
                 transcripts[i], padded[i] = text, padded_len
+        self.transcriber.release_memory()
 
         out = {
             S.ID: table[S.ID], S.PATH: table[S.PATH], S.TRANSCRIPT: transcripts,

@@ -1,7 +1,10 @@
 """wav2vec2 inference: exact batch invariance against the seed's one-at-a-time code path."""
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,8 @@ import torch
 
 from helpers import Reference, make_ctc_model
 from pipeline.audio import normalize
-from pipeline.model import CTCTranscriber, ModelSpec, ValidFramesGroupNorm, load_front_end, receptive_field
+from pipeline.model import (CPU_REPLICA_ENV, CTCTranscriber, ModelSpec, ValidFramesGroupNorm, load_front_end,
+                            receptive_field)
 
 
 def test_receptive_field_of_base_960h_geometry():
@@ -260,3 +264,25 @@ def test_a_reduced_precision_replica_keeps_its_linear_weights_cast(group_model):
     linear = [m for m in t.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
     assert t.batch_invariant  # its probe ran in fp32, before the cast
+
+
+def test_release_free_heap_gives_a_replica_heaps_free_pages_back():
+    """Under the replicas' glibc settings a freed block stays resident until the heap is trimmed."""
+    script = """
+import numpy as np
+from pipeline.model import release_free_heap
+def anon():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) >> 10
+big = np.ones(300 << 20, np.uint8)
+pinned = np.ones(1 << 10, np.uint8)  # a live block above it: only a trim can give its pages back
+before = anon()
+del big
+kept = anon()
+assert release_free_heap()
+print(before, kept, anon())
+"""
+    env = {**os.environ, **CPU_REPLICA_ENV}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    before, kept, trimmed = map(int, out.stdout.split())
+    assert kept > before - 20, "the settings keep a freed block resident"
+    assert trimmed < kept - 250, f"{kept} MB resident after the trim as before it"
