@@ -47,6 +47,7 @@ class OutputConfig(_Section):
     path: str | None = None
     overwrite: bool = False
     rows_per_shard: int = Field(10_000, ge=1)
+    max_retries: int = Field(3, ge=0)  # Ray's retries of a shard-writing task whose worker died
 
 
 class ModelConfig(_Section):

@@ -242,7 +242,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         ShardWriter(str(p.output)),
         batch_format="pyarrow",
         batch_size=cfg.output.rows_per_shard,
-        max_retries=cfg.decode.max_retries,
+        max_retries=cfg.output.max_retries,
     )
 
 

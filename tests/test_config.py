@@ -35,6 +35,7 @@ def test_overrides_are_yaml_typed_and_win_over_the_file():
         (["inference.devise=cpu"], "inference.devise: unknown key"),
         (["inference.device=cuda"], "inference.device = cuda: needs inference.gpus_per_replica > 0"),
         (["output.rows_per_shard=many"], "output.rows_per_shard = 'many': Input should be a valid integer"),
+        (["output.max_retries=-1"], "output.max_retries = -1: Input should be greater than or equal to 0"),
         (["decode.timeout_s=0"], "decode.timeout_s = 0: Input should be greater than 0"),
         (["decode.max_attempts=0"], "decode.max_attempts = 0: Input should be greater than or equal to 1"),
         (["input.allowed_roots=/data"], "input.allowed_roots = '/data': Input should be a valid list"),
