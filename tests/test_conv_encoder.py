@@ -94,13 +94,36 @@ def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_mode
             alone = stock(x[row : row + 1, :n])[0]
             frames = alone.shape[1]
             torch.testing.assert_close(got[row, :, :frames], alone, atol=1e-5, rtol=1e-4)
-    if kind == "group":
-        first = fast.layers[0]
-        frames = conv_output_frames(lengths, first.kernel, first.stride)
+    if kind == "group":  # the raw-audio layer alone: its padded frames are zeros
+        first_only = torch.nn.Module()
+        first_only.conv_layers = torch.nn.ModuleList(stock.conv_layers[:1])
+        layer = MatmulFeatureEncoder(first_only)
+        layer.lengths = lengths
         with torch.inference_mode():
-            normed = fast._normalised_audio_conv(x[:, :, None], first, frames, torch.float32)
+            normed = layer(x)
+        frames = conv_output_frames(lengths, layer.layers[0].kernel, layer.layers[0].stride)
         for row, n in enumerate(frames.tolist()):
-            assert not normed[row, n:].any()
+            assert normed[row, :, :n].abs().sum(0).all() and not normed[row, :, n:].any()
+
+
+def test_no_layer_computes_more_than_a_chunk_at_once(group_model, monkeypatch):
+    """Rows go through the stack CHUNK_FRAMES output frames at a time: no layer ever sees more
+    input than those frames need, however long the row (here 40 000 samples, 124 frames)."""
+    _, fast = _encoders("group", group_model, None)
+    x, _ = _batch()
+    seen = []
+    conv_frames = conv_encoder._Layer.conv_frames
+
+    def recording(self, h):
+        seen.append(h.shape[0])
+        return conv_frames(self, h)
+
+    monkeypatch.setattr(conv_encoder._Layer, "conv_frames", recording)
+    monkeypatch.setattr(conv_encoder, "CHUNK_FRAMES", 16)
+    with torch.inference_mode():
+        out = fast(x)
+    assert out.shape[2] == 124 and seen
+    assert max(seen) <= (16 - 1) * 64 + 79  # the second layer's input for 16 frames: the first one's output
 
 
 def test_bf16_replica_uses_it_on_the_demo_model():
