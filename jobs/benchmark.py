@@ -51,6 +51,7 @@ from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
 from pipeline.model import CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpec, guard_positional_conv
+from pipeline.synth import chirp
 
 RATE = 16_000
 
@@ -62,10 +63,8 @@ def make_corpus(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
     paths, total = [], 0.0
     while total < minutes * 60:
         duration = float(np.clip(2.0 + rng.gamma(2.0, 4.0), 2.0, 35.0))
-        t = np.arange(int(duration * RATE)) / RATE
-        wave = 0.3 * np.sin(2 * np.pi * (rng.uniform(100, 400) + 150 * t) * t) + 0.05 * rng.standard_normal(t.size)
         path = folder / f"utt{len(paths):04d}.flac"
-        sf.write(path, wave.astype(np.float32), RATE)
+        sf.write(path, chirp(duration, rng, RATE), RATE)
         paths.append(path)
         total += duration
     return paths

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
-def conv_output_frames(samples: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+def conv_output_frames(samples: int | torch.Tensor, kernel: int, stride: int) -> int | torch.Tensor:
     """Valid output frames of an unpadded conv layer for ``samples`` valid input frames (none below
-    the kernel)."""
-    return (torch.div(samples - kernel, stride, rounding_mode="floor") + 1).clamp_(min=0)
+    the kernel): an int for an int, a tensor for an integer tensor."""
+    frames = (samples - kernel) // stride + 1
+    return frames.clamp(min=0) if isinstance(frames, torch.Tensor) else max(0, frames)
 
 
 class UnsupportedEncoder(ValueError):
@@ -75,7 +76,7 @@ class _Layer:
 
     def frames(self, inputs: int) -> int:
         """Output frames for ``inputs`` input frames."""
-        return max(0, (inputs - self.kernel) // self.stride + 1)
+        return conv_output_frames(inputs, self.kernel, self.stride)
 
     def span(self, start: int, stop: int) -> tuple[int, int]:
         """Input frames that output frames ``start:stop`` are computed from."""

@@ -427,23 +427,20 @@ def _lr_factor(progress: float, step: int, warmup_steps: int) -> float:
     return max(0.0, min(warm, 1.0 - progress))
 
 
-def greedy_transcribe(model, audios: Sequence[np.ndarray]) -> list[str]:
-    """One utterance at a time, fp32: the same numbers as the processor reference path."""
+def greedy_transcribe(model, processor, audios: Sequence[np.ndarray]) -> list[str]:
+    """The reference path: processor(audio) -> model -> argmax -> batch_decode, one clip at a
+    time, fp32 (int16 clips scaled to [-1, 1) first)."""
     import torch
 
-    inv = {i: c for c, i in VOCAB.items()}
     device = next(model.parameters()).device
     texts = []
     with torch.inference_mode():
-        for a in audios:
-            x = normalize(a.astype(np.float32) / (32768.0 if a.dtype == np.int16 else 1.0))
-            ids = model(torch.from_numpy(x)[None].to(device)).logits[0].argmax(-1).tolist()
-            chars, prev = [], None
-            for i in ids:
-                if i != prev and i != VOCAB["<pad>"]:
-                    chars.append(inv[i])
-                prev = i
-            texts.append(" ".join("".join(chars).replace("|", " ").split()))
+        for audio in audios:
+            if audio.dtype == np.int16:
+                audio = audio.astype(np.float32) / 32768.0
+            inputs = processor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            ids = model(inputs.input_values.to(device)).logits.argmax(-1)
+            texts.append(processor.batch_decode(ids)[0])
     return texts
 
 
@@ -558,7 +555,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     def evaluate(step: int) -> float:
         nonlocal best_cer
         model.eval()
-        hyps = greedy_transcribe(model, dev.audio)
+        hyps = greedy_transcribe(model, processor, dev.audio)
         model.train()
         cer, wer = error_rates(dev.texts, hyps)
         seen_flags = [dict(HELDOUT_VOICES)[s.voice] for s in dev_specs]
@@ -692,19 +689,11 @@ def load_for_reference(path: Path) -> np.ndarray:
 
 
 def reference_transcribe(model_dir: Path, audios: Sequence[np.ndarray]) -> list[str]:
-    """The reference path: processor(audio) -> model -> argmax -> batch_decode, one clip at a time."""
-    import torch
+    """:func:`greedy_transcribe` with the model and processor saved in ``model_dir``."""
     from transformers import AutoModelForCTC, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForCTC.from_pretrained(model_dir).eval()
-    texts = []
-    with torch.inference_mode():
-        for audio in audios:
-            inputs = processor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-            ids = model(inputs.input_values).logits.argmax(-1)
-            texts.append(processor.batch_decode(ids)[0])
-    return texts
+    return greedy_transcribe(AutoModelForCTC.from_pretrained(model_dir).eval(), processor, audios)
 
 
 def evaluate_heldout(model_dir: Path, manifest: Path) -> dict[str, dict]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -159,16 +160,8 @@ def _init_ray(cfg: JobConfig) -> bool:
         kwargs["runtime_env"] = {"py_modules": [str(Path(pipeline.__file__).parent)]}
         ray.init(address=cfg.ray.address, **kwargs)
         return True
-    saved = {key: os.environ.get(key) for key in CPU_REPLICA_ENV}
-    os.environ.update(CPU_REPLICA_ENV)
-    try:
+    with mock.patch.dict(os.environ, CPU_REPLICA_ENV):  # the raylet inherits it; this process keeps its own
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
     return True
 
 

@@ -1,4 +1,5 @@
-"""Speech with known text from espeak-ng, for fixtures, the bundled sample and the demo model.
+"""Test audio: speech with known text from espeak-ng (fixtures, the bundled sample, the demo
+model's data) and chirps of any length (the tests' and the benchmark's corpora).
 
 Not used by the transcription job itself: only by scripts that make test audio and training data.
 """
@@ -48,3 +49,10 @@ def synthesize(
     if native_rate != sample_rate:
         audio = soxr.resample(audio, native_rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def chirp(duration_s: float, rng: np.random.Generator, sample_rate: int = 16_000) -> np.ndarray:
+    """A tone rising from a random pitch, plus noise: float32, different for every draw of ``rng``."""
+    t = np.arange(int(duration_s * sample_rate)) / sample_rate
+    wave = 0.3 * np.sin(2 * np.pi * (rng.uniform(100, 400) + 200 * t) * t) + 0.05 * rng.standard_normal(t.size)
+    return wave.astype(np.float32)

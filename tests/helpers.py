@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from pipeline.demo_model import VOCAB as BASE_960H_VOCAB  # base-960h's vocabulary, id for id
+from pipeline.synth import chirp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,11 +71,8 @@ def write_tone_clips(folder: Path, durations_s: list[float], rate: int = 16_000,
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, dur in enumerate(durations_s):
-        t = np.arange(int(dur * rate)) / rate
-        f0 = rng.uniform(100, 400)
-        wave = 0.3 * np.sin(2 * np.pi * (f0 + 200 * t) * t) + 0.05 * rng.standard_normal(t.size)
         path = folder / f"clip{i:03d}.flac"
-        sf.write(path, wave.astype(np.float32), rate)
+        sf.write(path, chirp(dur, rng, rate), rate)
         paths.append(path)
     return paths
 
