@@ -16,6 +16,7 @@ sleeps on any path containing ``$CORPUS_TRANSCRIBE_TEST_HANG_ON`` (both unset in
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ class IsolatedDecoder:
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.isolation"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "pipeline.isolation", str(os.getpid())], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True,
         )
         self._requests = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
@@ -143,9 +144,23 @@ class IsolatedDecoder:
         )
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this process when the thread that started it ends. An idle
+    child sees its pipe close when the worker dies, but one hung in a codec reads nothing and would
+    live on, orphaned (spinning, for a hostile file)."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is None:  # not Linux
+        return
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call above
+        os._exit(1)
+
+
 def _main() -> None:
-    """Child entry point: requests on stdin, replies on the original stdout; anything else that
-    writes to stdout (a codec's message) goes to stderr instead of corrupting the replies."""
+    """Child entry point (argument: the parent's pid): requests on stdin, replies on the original
+    stdout; anything else that writes to stdout (a codec's message) goes to stderr instead of
+    corrupting the replies."""
+    _die_with_parent(int(sys.argv[1]))
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     replies.send(("ready",))

@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -111,3 +118,35 @@ def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
         assert missing.value.kind == ErrorKind.NOT_FOUND
     finally:
         decoder.close()
+
+
+def test_a_hung_decoding_process_dies_with_the_worker_that_started_it(tmp_path):
+    """A worker killed while its child hangs on a file (SIGKILL: no clean-up of its own) leaves no
+    orphan: the kernel kills the child too (Linux)."""
+    from fault_zoo import HANG_MARKER
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys\n"
+         "from pipeline.isolation import IsolatedDecoder\n"
+         "d = IsolatedDecoder(timeout_s=600, max_attempts=1)\n"
+         "d._start()\n"
+         "print(d._proc.pid, flush=True)\n"
+         f"d({str(tmp_path / HANG_MARKER)!r})\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    child = int(worker.stdout.readline())
+
+    def state(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return "gone"
+
+    time.sleep(1.0)  # the child is in its hang now
+    assert state(child) in "RS"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while state(child) not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state(child) in ("gone", "Z")  # a zombie: dead, waiting for init to reap it
