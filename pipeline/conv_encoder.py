@@ -3,12 +3,13 @@
 On CPUs ``nn.Conv1d`` (oneDNN) can run these layers far below the machine's matmul speed: with
 bf16 on an Intel CPU with AMX the 512→512 kernel-3 stride-2 layer ran at a third of the speed of
 the same product as one matmul over overlapping windows, and the encoder took ~70 % of the whole
-forward pass (on an AMD CPU without AMX both encoders ran alike). Here each layer is matrix products over views of the channels-last input (no im2col copy),
-and each row goes through the whole stack a few hundred output frames at a time, so no layer's
-output for a whole batch is ever held (see :class:`MatmulFeatureEncoder`). The raw-audio layer's
-group norm is folded into its kernel. Same weights and, but for the raw-audio layer's conv (fp32
-here, one rounding fewer), the same order of roundings as the stock layers under autocast: convs
-in the compute dtype, norms in fp32, each activation in the dtype the stock layer gives it.
+forward pass (on an AMD CPU without AMX both encoders ran alike). Here each layer is matrix
+products over views of the channels-last input (no im2col copy), and each row goes through the
+whole stack a few hundred output frames at a time, so no layer's output for a whole batch is ever
+held (see :class:`MatmulFeatureEncoder`). The raw-audio layer's group norm is folded into its
+kernel. Same weights and, but for the raw-audio layer's conv (fp32 here, one rounding fewer), the
+same order of roundings as the stock layers under autocast: convs in the compute dtype, norms in
+fp32, each activation in the dtype the stock layer gives it.
 """
 
 from __future__ import annotations

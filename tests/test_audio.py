@@ -124,15 +124,15 @@ def test_a_hung_decoding_process_dies_with_the_worker_that_started_it(tmp_path):
     """A worker killed while its child hangs on a file (SIGKILL: no clean-up of its own) leaves no
     orphan: the kernel kills the child too (Linux)."""
     from fault_zoo import HANG_MARKER
+    from helpers import ROOT
 
     worker = subprocess.Popen(
-        [sys.executable, "-c", "import sys\n"
-         "from pipeline.isolation import IsolatedDecoder\n"
+        [sys.executable, "-c", "from pipeline.isolation import IsolatedDecoder\n"
          "d = IsolatedDecoder(timeout_s=600, max_attempts=1)\n"
          "d._start()\n"
          "print(d._proc.pid, flush=True)\n"
          f"d({str(tmp_path / HANG_MARKER)!r})\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     child = int(worker.stdout.readline())
 
@@ -143,7 +143,7 @@ def test_a_hung_decoding_process_dies_with_the_worker_that_started_it(tmp_path):
             return "gone"
 
     time.sleep(1.0)  # the child is in its hang now
-    assert state(child) in "RS"
+    assert state(child) in ("R", "S")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     deadline = time.monotonic() + 10
