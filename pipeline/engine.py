@@ -231,10 +231,13 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_REPLICA_ENV},
         udf_modifying_row_count=False,
     )
+    # The writer asks for no CPU: it is light, and with one it waited behind decode tasks that
+    # held every CPU the replicas left (a file hanging its decoder held back all committed output).
     return ds.map_batches(
         ShardWriter(str(p.output)),
         batch_format="pyarrow",
         batch_size=cfg.output.rows_per_shard,
+        num_cpus=0,
         max_retries=cfg.output.max_retries,
     )
 

@@ -70,17 +70,19 @@ def replica_pids() -> list[int]:
     return pids
 
 
-def transcribe(manifest: Path, out: Path, **kw) -> subprocess.Popen:
+def transcribe(manifest: Path, out: Path, *args: str, **kw) -> subprocess.Popen:
     settings = [arg for item in SETTINGS for arg in ("--set", item)]
     return start_transcribe("--input", str(manifest), "--output", str(out), "--model", "@demo",
-                            "--set", "ray.num_cpus=2", *settings, **kw)
+                            "--set", "ray.num_cpus=2", *settings, *args, **kw)
 
 
 def test_sigkilled_driver_resumes_and_a_finished_run_writes_nothing(tmp_path):
     manifest, ids = slow_corpus(tmp_path)
     out = tmp_path / "out"
-    first = transcribe(manifest, out, start_new_session=True)
-    deadline = time.monotonic() + 240
+    # Hangs of 60 s keep the first run busy until it is killed, and would hold back every shard
+    # if a decode task stuck in a file could starve the shard writer of a CPU (it once did).
+    first = transcribe(manifest, out, "--set", "decode.timeout_s=60", start_new_session=True)
+    deadline = time.monotonic() + 120
     while committed_shards(out) < 2 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert first.poll() is None, "the run ended before it could be killed: " + first.communicate()[1][-2000:]
