@@ -16,8 +16,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="transcribe",
         description="Transcribe an audio corpus with a wav2vec2 CTC model on Ray; write Parquet shards.",
     )
-    ap.add_argument("--input", help="manifest (.csv/.jsonl/.parquet), audio folder, HF dataset folder, "
-                    "hf:NAME, or @sample (the bundled clips); overrides input.path")
+    ap.add_argument("--input", help="manifest (.csv/.tsv/.jsonl/.parquet), audio folder, HF dataset folder, "
+                    "hf:NAME, @sample or @heldout (the bundled clips); overrides input.path")
     ap.add_argument("--output", help="output folder for Parquet shards and _summary.json; overrides output.path")
     ap.add_argument("--model", help=f"hub id or local folder of a CTC checkpoint (default {DEFAULT_MODEL}); "
                     "overrides model.name")

@@ -1,7 +1,7 @@
 """Typed job configuration: values-only YAML plus ``KEY=VALUE`` overrides, validated once.
 
 Every error names the key, the bad value and what is allowed, e.g.
-``inference.max_replicas = 0: must be >= 1 (got 0)``.
+``inference.max_replicas = 0: Input should be greater than or equal to 1``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (check the spelling; see configs/demo.yaml for all keys)")
+            lines.append(f"{key}: unknown key (check the spelling; the README's Configs section lists every key)")
         elif not key or msg.startswith(key):
             lines.append(msg)
         else:
