@@ -197,7 +197,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
     blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)]
     # from_blocks, not from_arrow: it keeps one block per decode task, and reads the blocks'
     # metadata here; from_arrow runs a Ray task per block for it, which took Ray's prestarted
-    # workers, so the replica waited for a new process (first batch 2.5-6 s later on 2 CPUs).
+    # workers, so the replica waited for a new process (first batch 4-6 s later on 2 CPUs).
     ds = ray.data.from_blocks(blocks)
     ds = ds.map_batches(
         DecodeStage(
