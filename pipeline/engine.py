@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 import transformers
+from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
 from pipeline import schema as S
@@ -199,6 +201,17 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
     # metadata here; from_arrow runs a Ray task per block for it, which took Ray's prestarted
     # workers, so the replica waited for a new process (first batch 4-6 s later on 2 CPUs).
     ds = ray.data.from_blocks(blocks)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates map_batches(**ray_remote_args), removed in 2.64 (pyproject.toml caps ray
+        # below it), but names no parameter for what the job passes through it: the retries below.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        return _map_stages(p, ds, workers_have_env)
+
+
+def _map_stages(p: Plan, ds: ray.data.Dataset, workers_have_env: bool) -> ray.data.Dataset:
+    """``build_dataset``'s three ``map_batches``."""
+    cfg = p.cfg
+    rows = cfg.decode.rows_per_task
     ds = ds.map_batches(
         DecodeStage(
             p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
