@@ -205,57 +205,50 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         # Ray 2.60 deprecates map_batches(**ray_remote_args), removed in 2.64 (pyproject.toml caps ray
         # below it), but names no parameter for what the job passes through it: the retries below.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        return _map_stages(p, ds, workers_have_env)
-
-
-def _map_stages(p: Plan, ds: ray.data.Dataset, workers_have_env: bool) -> ray.data.Dataset:
-    """``build_dataset``'s three ``map_batches``."""
-    cfg = p.cfg
-    rows = cfg.decode.rows_per_task
-    ds = ds.map_batches(
-        DecodeStage(
-            p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
-            max_file_bytes=cfg.audio.max_file_bytes, allowed_roots=tuple(cfg.input.allowed_roots),
-            isolate=cfg.decode.isolate, timeout_s=cfg.decode.timeout_s,
-            max_attempts=cfg.decode.max_attempts,
-        ),
-        batch_format="pyarrow",
-        batch_size=rows,
-        num_cpus=cfg.decode.cpus_per_task,
-        max_retries=cfg.decode.max_retries,
-        udf_modifying_row_count=False,
-    )
-    inf = cfg.inference
-    ds = ds.map_batches(
-        TranscribeStage,
-        fn_constructor_kwargs={
-            "spec": p.spec,
-            "max_batch_samples": inf.max_batch_samples,
-            "max_padding_waste": inf.max_padding_waste,
-            "device": inf.device,
-            "threads": cfg.threads_per_replica,
-            "precision": inf.precision,
-            "metadata": metadata(p),
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
-        batch_format="pyarrow",
-        batch_size=inf.rows_per_call,
-        num_cpus=inf.cpus_per_replica,
-        num_gpus=inf.gpus_per_replica,
-        max_restarts=inf.max_restarts,
-        max_task_retries=inf.max_restarts,
-        runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_REPLICA_ENV},
-        udf_modifying_row_count=False,
-    )
-    # The writer asks for no CPU: it is light, and with one it waited behind decode tasks that
-    # held every CPU the replicas left (a file hanging its decoder held back all committed output).
-    return ds.map_batches(
-        ShardWriter(str(p.output)),
-        batch_format="pyarrow",
-        batch_size=cfg.output.rows_per_shard,
-        num_cpus=0,
-        max_retries=cfg.output.max_retries,
-    )
+        ds = ds.map_batches(
+            DecodeStage(
+                p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
+                max_file_bytes=cfg.audio.max_file_bytes, allowed_roots=tuple(cfg.input.allowed_roots),
+                isolate=cfg.decode.isolate, timeout_s=cfg.decode.timeout_s,
+                max_attempts=cfg.decode.max_attempts,
+            ),
+            batch_format="pyarrow",
+            batch_size=rows,
+            num_cpus=cfg.decode.cpus_per_task,
+            max_retries=cfg.decode.max_retries,
+            udf_modifying_row_count=False,
+        )
+        inf = cfg.inference
+        ds = ds.map_batches(
+            TranscribeStage,
+            fn_constructor_kwargs={
+                "spec": p.spec,
+                "max_batch_samples": inf.max_batch_samples,
+                "max_padding_waste": inf.max_padding_waste,
+                "device": inf.device,
+                "threads": cfg.threads_per_replica,
+                "precision": inf.precision,
+                "metadata": metadata(p),
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
+            batch_format="pyarrow",
+            batch_size=inf.rows_per_call,
+            num_cpus=inf.cpus_per_replica,
+            num_gpus=inf.gpus_per_replica,
+            max_restarts=inf.max_restarts,
+            max_task_retries=inf.max_restarts,
+            runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_REPLICA_ENV},
+            udf_modifying_row_count=False,
+        )
+        # The writer asks for no CPU: it is light, and with one it waited behind decode tasks that
+        # held every CPU the replicas left (a file hanging its decoder held back all committed output).
+        return ds.map_batches(
+            ShardWriter(str(p.output)),
+            batch_format="pyarrow",
+            batch_size=cfg.output.rows_per_shard,
+            num_cpus=0,
+            max_retries=cfg.output.max_retries,
+        )
 
 
 def run_job(cfg: JobConfig) -> dict[str, Any]:
