@@ -98,3 +98,27 @@ def test_bf16_changes_few_transcripts(heldout_run, ray_cluster, tmp_path):
     assert drift <= MAX_BF16_CER_VS_FP32
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["precision"] == "bf16"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_gpu_replica_job_agrees_with_the_cpu_job(heldout_run, ray_cluster, tmp_path, precision):
+    """The whole job with one GPU replica, against the CPU fp32 job. Run on a GPU machine:
+    ``python -m pytest -m gpu``. fp32 must give the same transcripts; bf16/fp16 may change a few."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("marked gpu, but torch sees no CUDA device")
+    rows = run(ray_cluster, HELDOUT, tmp_path / "out", "inference.gpus_per_replica=1", "inference.device=cuda",
+               "inference.cpus_per_replica=1", f"inference.precision={precision}",
+               "inference.max_batch_samples=12800000")
+    assert set(rows) == set(heldout_run) and all(r[S.ERROR] is None for r in rows.values())
+    ids = sorted(rows)
+    changed = [k for k in ids if rows[k][S.TRANSCRIPT] != heldout_run[k][S.TRANSCRIPT]]
+    drift = jiwer.cer([heldout_run[k][S.TRANSCRIPT] for k in ids], [rows[k][S.TRANSCRIPT] for k in ids])
+    print(f"\njob on {torch.cuda.get_device_name()} in {precision} vs the CPU job in fp32: "
+          f"{len(changed)} of {len(ids)} transcripts change, CER between them {drift:.2%}")
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["precision"] == precision
+    if precision == "fp32":
+        assert not changed
+    assert drift <= MAX_BF16_CER_VS_FP32
