@@ -19,7 +19,9 @@ audio-seconds per second for:
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
 (``pipeline.model.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
-``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica;
+``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica,
+and also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
+``replica-alone-again``: without the GPU's per-new-shape costs, see :data:`PASSES`);
 ``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device.
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
 local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
@@ -54,6 +56,11 @@ from pipeline.model import CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpe
 from pipeline.synth import chirp
 
 RATE = 16_000
+# Passes of 3 and 3b over the plan. On a GPU the first batch of each new shape pays for per-shape
+# set-up (cuDNN's plans among it; ~45-100 ms a batch on an H200, more than its arithmetic), and
+# every batch of a plan has a shape of its own, as in the job: the first pass is what the job
+# sees, the second ("-again") the arithmetic ceiling.
+PASSES = {"cpu": 1, "cuda": 2}
 
 
 def make_corpus(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
@@ -113,6 +120,12 @@ def hf_pipeline(model_dir: str, paths: list[Path], device: str) -> None:
         pass
 
 
+def record(seconds: dict[str, list[float]], name: str, passes: list[float]) -> None:
+    """Add one run's passes: the first under ``name``, a second under ``name-again``."""
+    for key, value in zip((name, f"{name}-again"), passes):
+        seconds.setdefault(key, []).append(value)
+
+
 def sorted_batches(paths: list[Path], budget: int, max_waste: float) -> tuple[list[np.ndarray], list[list[int]]]:
     """Decoded, normalised waveforms and the job's length-sorted batch plan over them."""
     waves = [normalize(sf.read(p, dtype="float32")[0]) for p in paths]
@@ -120,9 +133,9 @@ def sorted_batches(paths: list[Path], budget: int, max_waste: float) -> tuple[li
 
 
 def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                 device: str) -> tuple[float, float]:
+                 device: str) -> tuple[list[float], float]:
     """Seconds spent in the stock transformers forward passes alone (tensors built beforehand,
-    already on ``device``), and padding waste."""
+    already on ``device``), per pass (see :data:`PASSES`), and padding waste."""
     batches = []
     for rows in plan:
         width = len(waves[rows[0]])
@@ -139,30 +152,33 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch
-        sync()
-        start = time.perf_counter()
-        for batch in batches:
-            model(batch).logits.argmax(-1).cpu()
-        sync()
-    seconds = time.perf_counter() - start
+        seconds = []
+        for _ in range(PASSES[device]):
+            sync()
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch).logits.argmax(-1).cpu()
+            sync()
+            seconds.append(time.perf_counter() - start)
     real = sum(len(w) for w in waves)
     return seconds, sum(b.numel() for b in batches) / real - 1
 
 
 def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                  device: str, threads: int, exact: bool = True) -> float:
-    """Seconds the job's model code takes without Ray on the same batches: ``CTCTranscriber``
-    (exact batching unless ``exact=False``; on CPUs in bf16 the matmul conv encoder) padding,
-    running and decoding each."""
+                  device: str, threads: int, exact: bool = True) -> list[float]:
+    """Seconds the job's model code takes without Ray on the same batches, per pass (see
+    :data:`PASSES`): ``CTCTranscriber`` (exact batching unless ``exact=False``; on CPUs in bf16 the
+    matmul conv encoder) padding, running and decoding each."""
     transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision,
                                  exact=exact)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
-    start = time.perf_counter()
-    for rows in plan:
-        transcriber.transcribe([waves[i] for i in rows])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    seconds = []
+    for _ in range(PASSES[device]):
+        start = time.perf_counter()
+        for rows in plan:
+            transcriber.transcribe([waves[i] for i in rows])  # returns strings: the GPU is done
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
@@ -222,12 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()  # 3 and 3b time only their forward passes, after this
             waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
             bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device)
-            seconds.setdefault("bare-forward", []).append(bare_s)
-            seconds.setdefault("replica-alone", []).append(
-                replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads))
+            record(seconds, "bare-forward", bare_s)
+            record(seconds, "replica-alone",
+                   replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads))
             if args.exact_cost:
-                seconds.setdefault("replica-plain", []).append(
-                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
+                record(seconds, "replica-plain",
+                       replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep = {}
         for budget in args.budgets:
             waves, plan = sorted_batches(paths, budget, inference.max_padding_waste)
-            alone = [replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads)
+            alone = [replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads)[0]
                      for _ in range(args.repeats)]
             sweep[budget] = audio_s / statistics.median(alone)
 
