@@ -19,8 +19,9 @@ audio-seconds per second for:
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
 (``pipeline.model.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
-``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU and gives the job one GPU replica,
-and also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
+``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU, gives
+the job one GPU replica, batches as ``configs/gpu-cluster.yaml`` does (:data:`GPU_BATCHING`), and
+also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
 ``replica-alone-again``: without the GPU's per-new-shape costs, see :data:`PASSES`);
 ``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device.
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
@@ -61,6 +62,9 @@ RATE = 16_000
 # every batch of a plan has a shape of its own, as in the job: the first pass is what the job
 # sees, the second ("-again") the arithmetic ceiling.
 PASSES = {"cpu": 1, "cuda": 2}
+# configs/gpu-cluster.yaml's batching (tests/test_config.py keeps them equal): more rows per call
+# and larger batches mean fewer batches, so fewer new shapes (see PASSES).
+GPU_BATCHING = ["inference.rows_per_call=512", "inference.max_batch_samples=12800000"]
 
 
 def make_corpus(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                     help="job config overrides, added to the defaults (CPU: one replica with --threads "
                          "torch threads, so it computes on as many cores as 1-3, decode tasks sharing "
-                         "them; cuda: one GPU replica, the CPUs for decode tasks)")
+                         "them; cuda: one GPU replica with configs/gpu-cluster.yaml's batching, the CPUs "
+                         "for decode tasks)")
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
     ap.add_argument("--exact-cost", action="store_true",
                     help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "heap grew to 24 GB on 30 minutes); the job's replicas keep theirs")
     args = ap.parse_args(argv)
     defaults = [f"ray.num_cpus={args.threads}"] + (
-        ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
+        ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1", *GPU_BATCHING]
         if args.device == "cuda" else [f"inference.torch_threads={args.threads}"])
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)

@@ -14,6 +14,14 @@ def test_shipped_configs_validate(path):
     assert cfg.model.name == ("@demo" if path.stem == "demo" else DEFAULT_MODEL)
 
 
+def test_the_benchmarks_gpu_batching_is_the_gpu_configs():
+    from jobs.benchmark import GPU_BATCHING
+
+    gpu = load_config(CONFIGS[0].parent / "gpu-cluster.yaml").inference
+    bench = load_config(overrides=GPU_BATCHING).inference
+    assert (bench.rows_per_call, bench.max_batch_samples) == (gpu.rows_per_call, gpu.max_batch_samples)
+
+
 def test_names_of_shipped_configs():
     assert {p.stem for p in CONFIGS} >= {"demo", "librispeech", "gpu-cluster"}
 
