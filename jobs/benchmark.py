@@ -137,7 +137,7 @@ def sorted_batches(paths: list[Path], budget: int, max_waste: float) -> tuple[li
 
 
 def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                 device: str) -> tuple[list[float], float]:
+                 device: str, passes: int) -> tuple[list[float], float]:
     """Seconds spent in the stock transformers forward passes alone (tensors built beforehand,
     already on ``device``), per pass (see :data:`PASSES`), and padding waste."""
     batches = []
@@ -157,7 +157,7 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch
         seconds = []
-        for _ in range(PASSES[device]):
+        for _ in range(passes):
             sync()
             start = time.perf_counter()
             for batch in batches:
@@ -169,7 +169,7 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
 
 
 def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                  device: str, threads: int, exact: bool = True) -> list[float]:
+                  device: str, threads: int, passes: int, exact: bool = True) -> list[float]:
     """Seconds the job's model code takes without Ray on the same batches, per pass (see
     :data:`PASSES`): ``CTCTranscriber`` (exact batching unless ``exact=False``; on CPUs in bf16 the
     matmul conv encoder) padding, running and decoding each."""
@@ -177,7 +177,7 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
                                  exact=exact)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
     seconds = []
-    for _ in range(PASSES[device]):
+    for _ in range(passes):
         start = time.perf_counter()
         for rows in plan:
             transcriber.transcribe([waves[i] for i in rows])  # returns strings: the GPU is done
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    passes = PASSES[args.device]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -242,13 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
                     timed(lambda: hf_pipeline(model_dir, paths, args.device)))
             gc.collect()  # 3 and 3b time only their forward passes, after this
             waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
-            bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device)
+            bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device, passes)
             record(seconds, "bare-forward", bare_s)
             record(seconds, "replica-alone",
-                   replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads))
+                   replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.exact_cost:
-                record(seconds, "replica-plain",
-                       replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, exact=False))
+                record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
+                                                               args.threads, passes, exact=False))
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         sweep = {}
         for budget in args.budgets:
             waves, plan = sorted_batches(paths, budget, inference.max_padding_waste)
-            alone = [replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads)[0]
+            # One pass each: the sweep picks a budget for the job, whose batches are new shapes.
+            alone = [replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, 1)[0]
                      for _ in range(args.repeats)]
             sweep[budget] = audio_s / statistics.median(alone)
 
