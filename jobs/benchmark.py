@@ -13,7 +13,8 @@ audio-seconds per second for:
    length-sorted, pre-padded tensors at the job's precision and batch budget;
 3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
-   ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding);
+   ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding,
+   ``--encoders`` with other conv feature encoders);
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
@@ -53,7 +54,8 @@ from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
-from pipeline.model import CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpec, guard_positional_conv
+from pipeline.model import (CONV_ENCODERS, CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpec,
+                            guard_positional_conv)
 from pipeline.synth import chirp
 
 RATE = 16_000
@@ -169,12 +171,13 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
 
 
 def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                  device: str, threads: int, passes: int, exact: bool = True) -> list[float]:
+                  device: str, threads: int, passes: int, exact: bool = True,
+                  conv_encoder: str = "auto") -> list[float]:
     """Seconds the job's model code takes without Ray on the same batches, per pass (see
-    :data:`PASSES`): ``CTCTranscriber`` (exact batching unless ``exact=False``; on CPUs in bf16 the
-    matmul conv encoder) padding, running and decoding each."""
+    :data:`PASSES`): ``CTCTranscriber`` (exact batching unless ``exact=False``; the conv encoder
+    ``conv_encoder``, see ``pipeline.model.CONV_ENCODERS``) padding, running and decoding each."""
     transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision,
-                                 exact=exact)
+                                 exact=exact, conv_encoder=conv_encoder)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
     seconds = []
     for _ in range(passes):
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
     ap.add_argument("--exact-cost", action="store_true",
                     help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
+    ap.add_argument("--encoders", nargs="*", default=[], choices=["stock", *CONV_ENCODERS],
+                    help="also time 3b with these conv feature encoders (replica-<name>); the job's own "
+                         "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
                          "ones (needed for the seed path on long corpora: under the replicas' settings its "
@@ -250,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.exact_cost:
                 record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
                                                                args.threads, passes, exact=False))
+            for encoder in args.encoders:
+                record(seconds, f"replica-{encoder}", replica_alone(
+                    model_dir, waves, plan, args.precision, args.device, args.threads, passes, conv_encoder=encoder))
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
@@ -265,8 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
-    if "replica-plain" in speed:  # how much faster plain padding is than exact batching
-        ratios["replica-plain/replica-alone"] = speed["replica-plain"] / speed["replica-alone"]
+    for name in speed:  # plain padding or another encoder against the job's model code
+        if name.startswith("replica-") and name not in ("replica-alone", "replica-alone-again"):
+            base = "replica-alone-again" if name.endswith("-again") else "replica-alone"
+            ratios[f"{name}/{base}"] = speed[name] / speed[base]
     result = {
         "audio_s": round(audio_s, 1), "files": len(paths), "precision": args.precision,
         "model": args.model or "wav2vec2-base config, random weights",
@@ -283,11 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"\n{len(paths)} files, {audio_s / 60:.1f} min of audio, {result['model']}, job precision "
           f"{args.precision}, {result['machine']}")
-    print(f"{'path':14s} {'audio s/s':>10s}")
+    width = max(map(len, [*speed, *ratios]))
+    print(f"{'path':{width}s} {'audio s/s':>10s}")
     for name, value in speed.items():
-        print(f"{name:14s} {value:10.2f}")
+        print(f"{name:{width}s} {value:10.2f}")
     for name, value in ratios.items():
-        print(f"{name:28s} {value:6.2f}x")
+        print(f"{name:{width}s} {value:9.2f}x")
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
     for budget, value in sweep.items():

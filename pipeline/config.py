@@ -89,6 +89,9 @@ class InferenceConfig(_Section):
     # Autocast dtype of the forward pass: bf16 on CPUs with AVX-512 bf16/AMX and on GPUs, fp16 on
     # GPUs only. The batch-invariance probe always runs in fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The conv feature encoder (pipeline.model.CONV_ENCODERS): auto = matmul products where they
+    # beat the stock convs (CPUs in reduced precision: chunked; GPUs: batched), else stock.
+    conv_encoder: Literal["auto", "stock", "chunked", "batched"] = "auto"
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)
     max_padding_waste: float = Field(0.05, ge=0)  # per batch: padded / real samples - 1

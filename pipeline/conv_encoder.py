@@ -1,18 +1,28 @@
-"""The wav2vec2 family's conv feature encoder as matmuls, channels-last, for CPUs. Pure torch.
+"""The wav2vec2 family's conv feature encoder as matmuls, channels-last. Pure torch.
 
-On CPUs ``nn.Conv1d`` (oneDNN) can run these layers far below the machine's matmul speed: with
-bf16 on an Intel CPU with AMX the 512→512 kernel-3 stride-2 layer ran at a third of the speed of
-the same product as one matmul over overlapping windows, and the encoder took ~70 % of the whole
-forward pass (on an AMD CPU without AMX both encoders ran alike). Here each layer is matrix
-products over views of the channels-last input (no im2col copy), and each row goes through the
-whole stack a few hundred output frames at a time, so no layer's output for a whole batch is ever
-held (see :class:`MatmulFeatureEncoder`). The raw-audio layer's group norm is folded into its
-kernel. Same weights and, but for the raw-audio layer's conv (fp32 here, one rounding fewer), the
-same order of roundings as the stock layers under autocast: convs in the compute dtype, norms in
-fp32, each activation in the dtype the stock layer gives it.
+Two layouts of the same products, one per device kind:
+
+* :class:`MatmulFeatureEncoder`, for CPUs in reduced precision. There ``nn.Conv1d`` (oneDNN) can
+  run these layers far below the machine's matmul speed: with bf16 on an Intel CPU with AMX the
+  512→512 kernel-3 stride-2 layer ran at a third of the speed of the same product as one matmul
+  over overlapping windows, and the encoder took ~70 % of the whole forward pass (on an AMD CPU
+  without AMX both encoders ran alike). Each row goes through the whole stack a few hundred
+  output frames at a time, so no layer's output for a whole batch is ever held.
+* :class:`BatchedMatmulFeatureEncoder`, for GPUs. There the stock encoder's cuDNN convs took 80 %
+  of a warm bf16 forward pass of wav2vec2-base on an H200 (torch profiler), for about a third of
+  its arithmetic, and every new batch shape paid for new cuDNN plans. Here each layer is two or
+  three large matrix products over the whole batch, laid end to end.
+
+Each layer is matrix products over views of the channels-last input (no im2col copy), and the
+raw-audio layer's group norm is folded into its kernel. Same weights and, but for the raw-audio
+layer's conv (fp32 here, one rounding fewer), the same order of roundings as the stock layers
+under autocast: convs in the compute dtype, norms in fp32, each activation in the dtype the stock
+layer gives it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +93,10 @@ class _Layer:
         """Input frames that output frames ``start:stop`` are computed from."""
         return start * self.stride, (stop - 1) * self.stride + self.kernel
 
-    def conv_frames(self, h: torch.Tensor) -> torch.Tensor:
-        """The conv over contiguous ``(T, C_in)``: ``(T', C_out)`` in ``h``'s dtype.
+    def conv_frames(self, h: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """The conv's first ``steps`` output frames over contiguous ``(T, C_in)``: ``(steps, C_out)``
+        in ``h``'s dtype. By default ``steps`` is every frame whose window lies inside ``h``; a
+        frame whose window runs past ``h``'s end gets only the pieces (below) that lie inside it.
 
         A window (frames ``t*s .. t*s+k-1``, ``k*C_in`` consecutive numbers) overlaps the next
         one, so one product over all windows makes the matmul copy them first (their im2col: for
@@ -93,29 +105,97 @@ class _Layer:
         """
         _, bias, parts = self.weights(h.dtype)
         step = self.stride * self.in_channels
-        steps = self.frames(h.shape[0])
+        steps = self.frames(h.shape[0]) if steps is None else steps
         out = None
         for q, part in enumerate(parts):
-            view = h.as_strided((steps, part.shape[0]), (step, 1), h.storage_offset() + q * step)
+            fit = min(steps, max(0, (h.numel() - q * step - part.shape[0]) // step + 1))
+            view = h.as_strided((fit, part.shape[0]), (step, 1), h.storage_offset() + q * step)
             if out is not None:
-                out.addmm_(view, part)
+                out[:fit].addmm_(view, part)
             else:
                 out = torch.mm(view, part) if bias is None else torch.addmm(bias, view, part)
         return out
 
-    def __call__(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Contiguous ``(T, C_in)`` → conv → norm (layer norm, in fp32) → activation → ``(T', C_out)``
-        in ``dtype``."""
-        x = self.conv_frames(h)
+    def __call__(self, h: torch.Tensor, dtype: torch.dtype, steps: int | None = None) -> torch.Tensor:
+        """Contiguous ``(T, C_in)`` → conv (:meth:`conv_frames`) → norm (layer norm, in fp32) →
+        activation → ``(steps, C_out)`` in ``dtype``."""
+        x = self.conv_frames(h, steps)
         if self.norm_kind == "layer":
-            # CPU autocast runs layer_norm in fp32; the stock layer's output is then rounded
-            # once, to the compute dtype.
+            # Autocast runs layer_norm in fp32; the stock layer's output is then rounded once, to
+            # the compute dtype.
             x = F.layer_norm(x.float(), *_affine(self.norm))
         return self.activation(x).to(dtype)
 
 
-class MatmulFeatureEncoder(torch.nn.Module):
-    """Drop-in for a wav2vec2-family ``FeatureEncoder`` (``conv_layers`` of conv → norm → activation).
+def fold_group_norm(layer: _Layer, audio: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-audio layer's group norm (per row and channel, over each row's first ``valid``
+    frames) folded into its kernel: ``(kernel (B, k, C_out), shift (B, C_out))`` in fp32, so that
+    row ``b``'s normalised output is ``windows_b @ kernel[b] + shift[b]``. ``audio`` is ``(B, L)``
+    fp32, ``valid`` each row's valid frames (a CPU tensor).
+
+    A channel's conv output is ``x = w·u + b`` over the audio's windows ``u`` (``k`` samples),
+    so its mean and variance over a row are ``w·ū + b`` and ``wᵀΣw``, from the windows' mean
+    ``ū`` and ``k × k`` covariance ``Σ`` (float64 here, more exact than fp32 sums over 10⁵
+    frames). The norm is then one affine map per channel, ``a·x + c``, which the kernel and
+    bias absorb: the layer is one product and the activation, where the norm written out
+    (mean, centred squares, scale) made five passes over a 512-channel fp32 tensor and took
+    three times as long as the conv on a CPU.
+    """
+    norm = layer.norm
+    frames = int(valid.max())  # valid on the CPU: no wait for the GPU here
+    valid = valid.clamp(min=1).to(audio.device)  # a row too short for a frame: a finite kernel no one reads
+    u = audio.as_strided((audio.shape[0], frames, layer.kernel), (audio.stride(0), layer.stride, 1)).double()
+    inside = (torch.arange(frames, device=audio.device) < valid[:, None]).double()[..., None]
+    n = valid.double()[:, None]
+    u_mean = (u * inside).sum(1) / n
+    d = (u - u_mean[:, None]) * inside
+    covariance = d.transpose(1, 2) @ d / n[..., None]
+    w = layer.weights(torch.float32)[0].double()
+    b = layer.conv.bias.double() if layer.conv.bias is not None else torch.zeros_like(w[:, 0])
+    mean = u_mean @ w.T + b
+    scale = norm.weight.double() * torch.rsqrt(((w @ covariance) * w).sum(-1) + norm.eps)
+    return (w * scale[..., None]).transpose(1, 2).float(), (norm.bias.double() + scale * (b - mean)).float()
+
+
+class _MatmulEncoder(torch.nn.Module):
+    """What both layouts share: the checked layers and :attr:`lengths`."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        layers = getattr(encoder, "conv_layers", None)
+        if not layers:
+            raise UnsupportedEncoder(f"{type(encoder).__name__} has no conv_layers")
+        self.encoder = encoder  # kept as a submodule: its parameters stay the model's
+        self.layers = [_Layer(layer) for layer in layers]
+        if self.layers[0].in_channels != 1:
+            raise UnsupportedEncoder("the first conv layer does not take one channel of raw audio")
+        if any(layer.norm_kind == "group" for layer in self.layers[1:]):
+            raise UnsupportedEncoder("a group norm after the raw-audio layer")
+        self.lengths: torch.Tensor | None = None
+
+    def _frames(self, samples: int) -> int:
+        """The stack's output frames for ``samples`` input samples."""
+        for layer in self.layers:
+            samples = layer.frames(samples)
+        return samples
+
+    def _valid(self, rows: int, samples: int) -> torch.Tensor:
+        """Each row's valid frames of the raw-audio layer: all of them without :attr:`lengths`."""
+        first = self.layers[0]
+        if self.lengths is None:
+            return torch.full((rows,), first.frames(samples))
+        return conv_output_frames(torch.as_tensor(self.lengths), first.kernel, first.stride)
+
+
+def _compute_dtype(x: torch.Tensor) -> tuple[str, torch.dtype]:
+    """``x``'s device type, and the dtype the stock layers compute in there (autocast's, if on)."""
+    device = x.device.type
+    return device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class MatmulFeatureEncoder(_MatmulEncoder):
+    """Drop-in for a wav2vec2-family ``FeatureEncoder`` (``conv_layers`` of conv → norm → activation)
+    on CPUs.
 
     ``forward(input_values (B, L)) → (B, C, T)`` like the stock encoder. Set :attr:`lengths`
     (valid samples per row) for batch invariance: a group norm then takes its statistics from
@@ -132,44 +212,28 @@ class MatmulFeatureEncoder(torch.nn.Module):
     audio, 5.5 s chunked (page faults 0.77 M → 0.54 M; its calls ~5% faster, two pairs of runs).
     """
 
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        layers = getattr(encoder, "conv_layers", None)
-        if not layers:
-            raise UnsupportedEncoder(f"{type(encoder).__name__} has no conv_layers")
-        self.encoder = encoder  # kept as a submodule: its parameters stay the model's
-        self.layers = [_Layer(layer) for layer in layers]
-        if self.layers[0].in_channels != 1:
-            raise UnsupportedEncoder("the first conv layer does not take one channel of raw audio")
-        if any(layer.norm_kind == "group" for layer in self.layers[1:]):
-            raise UnsupportedEncoder("a group norm after the raw-audio layer")
-        self.lengths: torch.Tensor | None = None
-
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else input_values.dtype
+        device, dtype = _compute_dtype(input_values)
         first = self.layers[0]
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(device, enabled=False):
             # The raw-audio layer in fp32: ten multiply-adds per output, and a norm wants fp32 anyway.
             audio = input_values.float().contiguous()
-            frames = audio.shape[1]
-            for layer in self.layers:
-                frames = layer.frames(frames)
-            out = torch.empty(audio.shape[0], frames, self.layers[-1].out_channels, dtype=dtype)
-            valid = [first.frames(audio.shape[1])] * audio.shape[0]
-            if self.lengths is not None:
-                valid = conv_output_frames(self.lengths, first.kernel, first.stride).tolist()
-            for row, n in enumerate(valid):
-                fold = self._fold_group_norm(audio[row], n) if first.norm_kind == "group" and n else None
+            frames = self._frames(audio.shape[1])
+            out = torch.empty(audio.shape[0], frames, self.layers[-1].out_channels, dtype=dtype, device=audio.device)
+            for row, n in enumerate(self._valid(*audio.shape).tolist()):
+                fold = None
+                if first.norm_kind == "group" and n:
+                    kernel, shift = fold_group_norm(first, audio[row : row + 1], torch.tensor([n]))
+                    fold = kernel[0], shift[0]
                 for start in range(0, frames, CHUNK_FRAMES):
                     stop = min(frames, start + CHUNK_FRAMES)
-                    out[row, start:stop] = self._frames(audio[row], start, stop, n, fold, dtype)
+                    out[row, start:stop] = self._chunk(audio[row], start, stop, n, fold, dtype)
         return out.transpose(1, 2)
 
-    def _frames(self, audio: torch.Tensor, start: int, stop: int, valid: int,
-                fold: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor:
+    def _chunk(self, audio: torch.Tensor, start: int, stop: int, valid: int,
+               fold: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor:
         """Output frames ``start:stop`` of the stack over one row's samples, ``(stop - start, C)``.
-        A first layer with a group norm takes it folded into ``fold`` (:meth:`_fold_group_norm`),
+        A first layer with a group norm takes it folded into ``fold`` (:func:`fold_group_norm`),
         and its frames from ``valid`` on are zeros."""
         for layer in reversed(self.layers[1:]):
             start, stop = layer.span(start, stop)
@@ -178,7 +242,7 @@ class MatmulFeatureEncoder(torch.nn.Module):
         if first.norm_kind != "group":
             h = first(samples[:, None], dtype)
         elif fold is None:
-            h = torch.zeros(stop - start, first.out_channels, dtype=dtype)
+            h = torch.zeros(stop - start, first.out_channels, dtype=dtype, device=audio.device)
         else:
             windows = samples.as_strided((stop - start, first.kernel), (first.stride, 1))
             h = first.activation(torch.addmm(fold[1], windows, fold[0]))
@@ -189,31 +253,43 @@ class MatmulFeatureEncoder(torch.nn.Module):
             h = layer(h, dtype)
         return h
 
-    def _fold_group_norm(self, audio: torch.Tensor, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw-audio layer's group norm (per channel, over a row's first ``valid`` frames)
-        folded into its kernel: ``(kernel (k, C_out), shift (C_out,))`` in fp32, so that the
-        layer's normalised output is ``windows @ kernel + shift``.
 
-        A channel's conv output is ``x = w·u + b`` over the audio's windows ``u`` (ten samples),
-        so its mean and variance over a row are ``w·ū + b`` and ``wᵀΣw``, from the windows' mean
-        ``ū`` and ``k × k`` covariance ``Σ`` (float64 here, more exact than fp32 sums over 10⁵
-        frames). The norm is then one affine map per channel, ``a·x + c``, which the kernel and
-        bias absorb: the layer is one product and the activation, where the norm written out
-        (mean, centred squares, scale) made five passes over a 512-channel fp32 tensor and took
-        three times as long as the conv on a CPU.
-        """
-        layer = self.layers[0]
-        norm = layer.norm
-        u = audio.as_strided((valid, layer.kernel), (layer.stride, 1)).double()
-        w = layer.weights(torch.float32)[0].double()
-        b = layer.conv.bias.double() if layer.conv.bias is not None else torch.zeros(layer.out_channels,
-                                                                                     dtype=torch.float64)
-        u_mean = u.mean(0)
-        d = u - u_mean
-        covariance = d.T @ d / valid
-        mean = w @ u_mean + b
-        scale = norm.weight.double() * torch.rsqrt(((w @ covariance) * w).sum(1) + norm.eps)
-        return (w * scale[:, None]).T.float(), (norm.bias.double() + scale * (b - mean)).float()
+class BatchedMatmulFeatureEncoder(_MatmulEncoder):
+    """Drop-in for a wav2vec2-family ``FeatureEncoder`` on GPUs: the same contract as
+    :class:`MatmulFeatureEncoder` (``lengths``, output, exceptions), but the batch's rows are laid
+    end to end and each layer runs over all of them at once.
+
+    Rows are zero-padded to a multiple of the stack's total stride (320 samples for wav2vec2), so
+    every layer gets a whole number of frames per row and the channels-last ``(rows * frames, C)``
+    tensor of one layer is the next layer's input as it lies: a layer is ``⌈k/s⌉`` products of
+    ``(rows * frames / s, s * C_in)`` by ``(s * C_in, C_out)`` and nothing is copied between
+    layers. A row's last few frames then see the next row's first samples; they lie past its valid
+    frames (which only ever see the row's valid samples, as in the stock layers) and past the
+    frames the stock encoder returns for the batch, and are cut off at the end. Padded frames
+    within a row are not zeros, unlike :class:`MatmulFeatureEncoder`'s: the model's mask hides them.
+    """
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        device, dtype = _compute_dtype(input_values)
+        rows, samples = input_values.shape
+        first = self.layers[0]
+        stride = math.prod(layer.stride for layer in self.layers)
+        width = -(-samples // stride) * stride
+        with torch.autocast(device, enabled=False):
+            audio = F.pad(input_values.float(), (0, width - samples)).contiguous()  # fp32: as the chunked one
+            if first.norm_kind == "group":
+                kernel, shift = fold_group_norm(first, audio, self._valid(rows, samples))
+                pieces = audio.view(rows, width // first.stride, first.stride)
+                h = torch.baddbmm(shift[:, None], pieces, kernel[:, : first.stride])
+                for q in range(1, -(-first.kernel // first.stride)):
+                    part = kernel[:, q * first.stride : (q + 1) * first.stride]
+                    h[:, :-q].baddbmm_(pieces[:, q:, : part.shape[1]], part)
+                h = first.activation(h).to(dtype).view(-1, first.out_channels)
+            else:
+                h = first(audio.view(-1, 1), dtype, steps=audio.numel() // first.stride)
+            for layer in self.layers[1:]:
+                h = layer(h, dtype, steps=h.shape[0] // layer.stride)
+        return h.view(rows, width // stride, -1)[:, : self._frames(samples)].transpose(1, 2)
 
 
 def _affine(norm: torch.nn.LayerNorm) -> tuple:

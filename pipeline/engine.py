@@ -228,6 +228,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
                 "device": inf.device,
                 "threads": cfg.threads_per_replica,
                 "precision": inf.precision,
+                "conv_encoder": inf.conv_encoder,
                 "metadata": metadata(p),
             },
             compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),

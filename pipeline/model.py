@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
 from pipeline import bundled
-from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder, conv_output_frames
+from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
+                                   conv_output_frames)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,26 @@ class ValidFramesGroupNorm(torch.nn.Module):
 
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The conv feature encoders a replica can run (pipeline.conv_encoder): "auto" takes the chunked
+# matmul one on CPUs in reduced precision (where oneDNN's conv1d can be slow), the batched one on
+# GPUs (where cuDNN's convs took 80% of a warm bf16 forward), and the stock one otherwise.
+CONV_ENCODERS = {"chunked": MatmulFeatureEncoder, "batched": BatchedMatmulFeatureEncoder}
+
+
+@contextmanager
+def ieee_fp32(on: bool) -> Iterator[None]:
+    """While ``on``, fp32 on a GPU means IEEE fp32: TF32 off for cuDNN's convs (torch's default
+    has it on) and cuBLAS's matmuls (``torch.set_float32_matmul_precision`` turns it on). cuDNN's
+    TF32 convs moved random-weight logits by 5e-4 on an H200 (1 of 8 transcripts changed against
+    the CPU; 4e-6 and none without). The settings are restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if on:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _relative_deviation(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -257,7 +279,7 @@ class CTCTranscriber:
     PROBE_TOLERANCE = 1e-3  # max |Δlogit| relative to max(1, max |logit|); plain padding gives ~0.8
 
     def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None,
-                 precision: str = "fp32", exact: bool = True):
+                 precision: str = "fp32", exact: bool = True, conv_encoder: str = "auto"):
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -267,11 +289,15 @@ class CTCTranscriber:
             spec.source, use_safetensors=not spec.allow_pickle_weights, **spec.kwargs())
         self.model.to(self.device).eval()
         self.autocast = PRECISIONS[precision]
-        self._encoder: MatmulFeatureEncoder | None = None
         self.positional_conv_fp32 = False
         if self.autocast is not None and self.device.type == "cpu":
             self.positional_conv_fp32 = guard_positional_conv(self.model, self.autocast)
-            self._encoder = self._install_matmul_encoder(spec.name)
+        if conv_encoder not in ("auto", "stock", *CONV_ENCODERS):
+            raise ValueError(f"conv_encoder = {conv_encoder!r}: use auto, stock or one of {sorted(CONV_ENCODERS)}")
+        if conv_encoder == "auto":
+            conv_encoder = ("batched" if self.device.type == "cuda" else
+                            "chunked" if self.autocast is not None else "stock")
+        self._encoder = None if conv_encoder == "stock" else self._install_matmul_encoder(spec.name, conv_encoder)
         config = self.model.config
         self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]
@@ -288,24 +314,25 @@ class CTCTranscriber:
         log.info(
             "loaded %s on %s (%s, %d threads, attention mask: %s, batch-invariant: %s, conv encoder: %s, "
             "positional conv: %s)", spec.name, self.device, precision, torch.get_num_threads(),
-            self.use_attention_mask, self.batch_invariant, "matmul" if self._encoder else "stock",
+            self.use_attention_mask, self.batch_invariant, type(self._encoder).__name__ if self._encoder else "stock",
             "fp32" if self.positional_conv_fp32 else precision,
         )
 
-    def _install_matmul_encoder(self, name: str) -> MatmulFeatureEncoder | None:
-        """Swap in :class:`pipeline.conv_encoder.MatmulFeatureEncoder` (CPU, reduced precision:
-        where oneDNN's conv1d is slow) if the model's encoder has its structure and its fp32
-        output matches the stock encoder's on a probe; else keep the stock one and say why, once."""
+    def _install_matmul_encoder(self, name: str, kind: str) -> torch.nn.Module | None:
+        """Swap in the matmul conv encoder ``kind`` (a key of :data:`CONV_ENCODERS`) if the model's
+        encoder has its structure and its fp32 output matches the stock encoder's on a probe;
+        else keep the stock one and say why, once."""
         base = self.model.base_model
         stock = getattr(base, "feature_extractor", None)
         try:
-            fast = MatmulFeatureEncoder(stock)
+            fast = CONV_ENCODERS[kind](stock)
         except UnsupportedEncoder as exc:
             log.warning("%s: keeping the stock conv feature encoder (%s)", name, exc)
             return None
-        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16_000)).astype(np.float32))
+        rng = np.random.default_rng(0)
+        probe = torch.from_numpy(rng.standard_normal((2, 16_000)).astype(np.float32)).to(self.device)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), ieee_fp32(True):
                 want, got = stock(probe), fast(probe)
         except Exception as exc:  # noqa: BLE001 - a layer it computes wrongly may also fail: keep the stock one
             log.warning("%s: keeping the stock conv feature encoder (the matmul one failed: %s)", name, exc)
@@ -386,15 +413,11 @@ class CTCTranscriber:
             self._norm.frames = conv_output_frames(n, *self._first_conv)
         if self._valid_lengths:
             self._encoder.lengths = n
-        # fp32 means IEEE fp32: cuDNN's default TF32 convs moved random-weight logits by 5e-4 on
-        # an H200 (1 of 8 transcripts changed against the CPU; 4e-6 and none without).
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tf32 and dtype is not None
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            with (torch.inference_mode(), ieee_fp32(dtype is None),
+                  torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)):
                 return self.model(inputs, attention_mask=mask).logits.float()
         finally:
-            torch.backends.cudnn.allow_tf32 = tf32
             if self._norm is not None:
                 self._norm.frames = None
             if self._encoder is not None:

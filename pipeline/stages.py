@@ -120,13 +120,15 @@ class TranscribeStage:
         device: str = "auto",
         threads: int | None = None,
         precision: str = "fp32",
+        conv_encoder: str = "auto",
         metadata: dict | None = None,
     ):
         # Imported here, not at the top: torch + transformers take seconds to import, and every
         # decode worker unpickles this module without needing them.
         from pipeline.model import CTCTranscriber
 
-        self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision)
+        self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision,
+                                          conv_encoder=conv_encoder)
         self.model_name = spec.name
         self.max_batch_samples = max_batch_samples
         self.max_padding_waste = max_padding_waste

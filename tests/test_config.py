@@ -38,6 +38,8 @@ def test_overrides_are_yaml_typed_and_win_over_the_file():
         (["inference.max_replicas=0"], "inference.max_replicas = 0: Input should be greater than or equal to 1"),
         (["inference.precision=fp16"], "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0)"),
         (["inference.precision=int8"], "inference.precision = 'int8': Input should be 'fp32', 'bf16' or 'fp16'"),
+        (["inference.conv_encoder=cudnn"],
+         "inference.conv_encoder = 'cudnn': Input should be 'auto', 'stock', 'chunked' or 'batched'"),
         (["inference.min_replicas=4"], "inference.max_replicas = 1: must be >= inference.min_replicas (4)"),
         (["input.format=xml"], "input.format = 'xml': Input should be 'auto', 'csv', 'jsonl', 'parquet', 'folder'"),
         (["inference.devise=cpu"], "inference.devise: unknown key"),

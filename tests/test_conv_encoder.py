@@ -1,4 +1,4 @@
-"""The matmul conv feature encoder (CPU, reduced precision) against the stock transformers encoder."""
+"""The matmul conv feature encoders (chunked for CPUs, batched for GPUs) against the stock transformers encoder."""
 
 import logging
 from pathlib import Path
@@ -12,7 +12,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormCo
 from pipeline import conv_encoder, demo_model
 from pipeline.audio import normalize
 from pipeline.bundled import input_path, model_path
-from pipeline.conv_encoder import MatmulFeatureEncoder, UnsupportedEncoder, conv_output_frames
+from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
+                                   conv_output_frames)
 from pipeline.model import CTCTranscriber, ModelSpec
 
 LENGTHS = [400, 401, 3_217, 16_000, 40_000]
@@ -27,7 +28,11 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(LENGTHS)
 
 
-def _encoders(kind: str, group_model: Path, layer_model: Path):
+KINDS = ["group", "layer", "conv-bias"]
+BOTH = [MatmulFeatureEncoder, BatchedMatmulFeatureEncoder]
+
+
+def _encoders(kind: str, group_model: Path, layer_model: Path, encoder=MatmulFeatureEncoder):
     if kind == "conv-bias":  # large-lv60's kind: layer norm in every conv layer, conv bias
         torch.manual_seed(3)
         config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -36,12 +41,13 @@ def _encoders(kind: str, group_model: Path, layer_model: Path):
     else:
         model = AutoModelForCTC.from_pretrained(group_model if kind == "group" else layer_model).eval()
     stock = model.base_model.feature_extractor
-    return stock, MatmulFeatureEncoder(stock)
+    return stock, encoder(stock)
 
 
-@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
-def test_equals_the_stock_encoder_in_fp32(kind, group_model, layer_model):
-    stock, fast = _encoders(kind, group_model, layer_model)
+@pytest.mark.parametrize("encoder", BOTH)
+@pytest.mark.parametrize("kind", KINDS)
+def test_equals_the_stock_encoder_in_fp32(kind, encoder, group_model, layer_model):
+    stock, fast = _encoders(kind, group_model, layer_model, encoder)
     x, _ = _batch()
     with torch.inference_mode():
         want, got = stock(x), fast(x)
@@ -49,7 +55,7 @@ def test_equals_the_stock_encoder_in_fp32(kind, group_model, layer_model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pieces_of_a_few_frames_give_the_same_result(kind, group_model, layer_model, monkeypatch):
     """Frames are computed CHUNK_FRAMES at a time: cut every few frames, in every layer, the
     result is still the stock encoder's (with and without lengths)."""
@@ -68,10 +74,11 @@ def test_pieces_of_a_few_frames_give_the_same_result(kind, group_model, layer_mo
     torch.testing.assert_close(pieces_valid, whole_valid, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
-def test_under_bf16_autocast_it_is_as_close_to_fp32_as_the_stock_encoder(kind, group_model, layer_model):
+@pytest.mark.parametrize("encoder", BOTH)
+@pytest.mark.parametrize("kind", KINDS)
+def test_under_bf16_autocast_it_is_as_close_to_fp32_as_the_stock_encoder(kind, encoder, group_model, layer_model):
     """Same output dtype as the stock encoder under autocast, and no more bf16 error than it has."""
-    stock, fast = _encoders(kind, group_model, layer_model)
+    stock, fast = _encoders(kind, group_model, layer_model, encoder)
     x, _ = _batch(2)
     with torch.inference_mode():
         exact = stock(x)
@@ -82,10 +89,12 @@ def test_under_bf16_autocast_it_is_as_close_to_fp32_as_the_stock_encoder(kind, g
     assert float((got.float() - exact).abs().max()) <= 2 * stock_error + 1e-3
 
 
-@pytest.mark.parametrize("kind", ["group", "layer", "conv-bias"])
-def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_model):
-    """Valid frames equal the stock encoder on the row alone; a group norm's padded frames are zeros."""
-    stock, fast = _encoders(kind, group_model, layer_model)
+@pytest.mark.parametrize("encoder", BOTH)
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_lengths_each_row_is_its_result_alone(kind, encoder, group_model, layer_model):
+    """Valid frames equal the stock encoder on the row alone; with the chunked encoder a group
+    norm's padded frames are zeros (the batched one leaves them to the model's mask)."""
+    stock, fast = _encoders(kind, group_model, layer_model, encoder)
     x, lengths = _batch(1)
     fast.lengths = lengths
     with torch.inference_mode():
@@ -94,7 +103,7 @@ def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_mode
             alone = stock(x[row : row + 1, :n])[0]
             frames = alone.shape[1]
             torch.testing.assert_close(got[row, :, :frames], alone, atol=1e-5, rtol=1e-4)
-    if kind == "group":  # the raw-audio layer alone: its padded frames are zeros
+    if kind == "group" and encoder is MatmulFeatureEncoder:  # the raw-audio layer alone: padded frames are zeros
         first_only = torch.nn.Module()
         first_only.conv_layers = torch.nn.ModuleList(stock.conv_layers[:1])
         layer = MatmulFeatureEncoder(first_only)
@@ -106,6 +115,31 @@ def test_with_lengths_each_row_is_its_result_alone(kind, group_model, layer_mode
             assert normed[row, :, :n].abs().sum(0).all() and not normed[row, :, n:].any()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_rows_of_any_width_and_company_are_their_results_alone(kind, group_model, layer_model):
+    """The batched encoder pads rows to a multiple of the stack's stride and lays them end to end:
+    widths that are no such multiple, and any company a row keeps, still give each row's valid
+    frames as the stock encoder gives them for the row alone (and the stock batch's frames without
+    lengths)."""
+    stock, fast = _encoders(kind, group_model, layer_model, BatchedMatmulFeatureEncoder)
+    rng = np.random.default_rng(5)
+    waves = [torch.from_numpy(normalize(rng.standard_normal(n).astype(np.float32)))
+             for n in (400, 401, 719, 1_217, 16_001, 33_333)]
+    with torch.inference_mode():
+        alone = [stock(w[None])[0] for w in waves]
+        for rows in ([5, 0, 3], [1], [2, 4, 1, 0, 5, 3], [3, 2]):
+            x = torch.zeros(len(rows), max(len(waves[i]) for i in rows))
+            for r, i in enumerate(rows):
+                x[r, : len(waves[i])] = waves[i]
+            fast.lengths = torch.tensor([len(waves[i]) for i in rows])
+            got = fast(x)
+            assert got.shape == stock(x).shape
+            for r, i in enumerate(rows):
+                torch.testing.assert_close(got[r, :, : alone[i].shape[1]], alone[i], atol=1e-5, rtol=1e-4)
+            fast.lengths = None
+            torch.testing.assert_close(fast(x), stock(x), atol=1e-5, rtol=1e-4)
+
+
 def test_no_layer_computes_more_than_a_chunk_at_once(group_model, monkeypatch):
     """Rows go through the stack CHUNK_FRAMES output frames at a time: no layer ever sees more
     input than those frames need, however long the row (here 40 000 samples, 124 frames)."""
@@ -114,9 +148,9 @@ def test_no_layer_computes_more_than_a_chunk_at_once(group_model, monkeypatch):
     seen = []
     conv_frames = conv_encoder._Layer.conv_frames
 
-    def recording(self, h):
+    def recording(self, h, steps=None):
         seen.append(h.shape[0])
-        return conv_frames(self, h)
+        return conv_frames(self, h, steps)
 
     monkeypatch.setattr(conv_encoder._Layer, "conv_frames", recording)
     monkeypatch.setattr(conv_encoder, "CHUNK_FRAMES", 16)
@@ -159,7 +193,7 @@ def test_unknown_layers_keep_the_stock_encoder_and_say_why(group_model, caplog):
     stock.conv_layers[0].layer_norm = stock.conv_layers[0].layer_norm.norm  # fp32's ValidFramesGroupNorm off
     stock.conv_layers[2].__class__ = _ScaledConvLayer
     with caplog.at_level(logging.WARNING, logger="pipeline.model"):
-        assert t._install_matmul_encoder("scaled") is None
+        assert t._install_matmul_encoder("scaled", "chunked") is None
     assert t.model.base_model.feature_extractor is stock
     assert "keeping the stock conv feature encoder (the matmul one differs by" in caplog.text
 

@@ -122,12 +122,14 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     assert ray.data.read_parquet(str(out)).count() == 25
 
 
-@pytest.mark.parametrize("budget, actors, shuffled", [(100_000, 1, False), (400_000, 2, False),
-                                                     (1_600_000, 2, True)])
+@pytest.mark.parametrize("budget, actors, shuffled, encoder", [(100_000, 1, False, "auto"),
+                                                              (400_000, 2, False, "batched"),
+                                                              (1_600_000, 2, True, "auto")])
 def test_group_norm_transcripts_are_batch_invariant(ray_cluster, corpus, group_model, tmp_path,
-                                                   budget, actors, shuffled):
+                                                   budget, actors, shuffled, encoder):
     """wav2vec2-base-960h's kind: every row equals the reference run on it alone, whatever the batch
-    budget (1x/4x/16x), the number of actors and the manifest order."""
+    budget (1x/4x/16x), the number of actors, the manifest order and the conv encoder (fp32 on the
+    CPU: auto is the stock one; batched is the GPUs')."""
     ref = Reference(group_model)
     clips = sorted((corpus.parent / "clips").glob("clip*.flac"))
     expected = {c.stem: ref(sf.read(c, dtype="float32")[0]) for c in clips}
@@ -139,7 +141,8 @@ def test_group_norm_transcripts_are_batch_invariant(ray_cluster, corpus, group_m
         pa.csv.write_csv(table, manifest)
     summary = run(ray_cluster, manifest, tmp_path / "out", group_model, f"inference.max_batch_samples={budget}",
                   f"inference.min_replicas={actors}", f"inference.max_replicas={actors}",
-                  f"inference.cpus_per_replica={1 / actors}", "inference.rows_per_call=8")
+                  f"inference.cpus_per_replica={1 / actors}", "inference.rows_per_call=8",
+                  f"inference.conv_encoder={encoder}")
     rows = by_id(tmp_path / "out")
     assert {k: rows[k][S.TRANSCRIPT] for k in expected} == expected
     assert len(rows) == summary["rows_out"] == 25

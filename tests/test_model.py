@@ -53,11 +53,13 @@ def _utterances(seed: int, count: int) -> list[np.ndarray]:
     return [normalize(rng.standard_normal(n).astype(np.float32)) for n in lengths]
 
 
+@pytest.mark.parametrize("conv_encoder", ["auto", "batched"])  # fp32 CPU: auto is stock; batched: the GPUs'
 @pytest.mark.parametrize("kind", ["group", "layer"])
-def test_batched_logits_equal_one_at_a_time_reference(kind, group_model, layer_model):
+def test_batched_logits_equal_one_at_a_time_reference(kind, conv_encoder, group_model, layer_model):
     model_dir = group_model if kind == "group" else layer_model
-    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1)
+    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1, conv_encoder=conv_encoder)
     assert t.batch_invariant and t.use_attention_mask and t.min_samples == 400
+    assert (t._encoder is None) == (conv_encoder == "auto")
     ref = Reference(model_dir)
     worst, texts = 0.0, 0
     for seed, count in [(0, 8), (1, 3), (2, 12), (3, 5)]:
@@ -71,7 +73,7 @@ def test_batched_logits_equal_one_at_a_time_reference(kind, group_model, layer_m
         assert t.transcribe(batch) == expected
         assert t.transcribe(batch[::-1]) == expected[::-1]
         texts += sum(map(bool, expected))
-    print(f"\n{kind}-norm model: max |Δlogit| batched vs one at a time = {worst:.2e}")
+    print(f"\n{kind}-norm model, {conv_encoder} encoder: max |Δlogit| batched vs one at a time = {worst:.2e}")
     assert worst <= 1e-4
     assert texts > 10, "the random model should emit characters, or the comparison proves little"
 
@@ -112,27 +114,32 @@ def test_a_second_group_norm_model_is_exact_too(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fp32_forward_runs_without_tf32_convs_and_restores_the_setting(group_model, precision):
-    """cuDNN's convs default to TF32, which changed a GPU fp32 transcript on an H200: an fp32
-    forward turns it off for its own duration only; reduced precision leaves it alone."""
+def test_fp32_forward_runs_without_tf32_and_restores_the_settings(group_model, precision, monkeypatch):
+    """cuDNN's convs default to TF32, which changed a GPU fp32 transcript on an H200, and
+    ``torch.set_float32_matmul_precision("high")`` gives matmuls TF32: an fp32 forward turns both
+    off for its own duration only; reduced precision leaves them alone."""
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision=precision)
     seen = []
-    t.model.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    t.model.register_forward_hook(lambda *_: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
     assert torch.backends.cudnn.allow_tf32  # torch's default
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a user's "high" precision
     t.transcribe(_utterances(4, 3))
-    assert seen == [precision != "fp32"] and torch.backends.cudnn.allow_tf32
+    assert seen == [(precision != "fp32",) * 2]
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
 
 @pytest.mark.gpu
-def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(group_model):
+@pytest.mark.parametrize("conv_encoder", ["auto", "stock"])  # auto: the batched matmul encoder
+def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(group_model, conv_encoder):
     """Run on a GPU machine: ``python -m pytest -m gpu``. Random weights: every frame is a near-tie,
     so this checks exactness in fp32 only: with cuDNN's default TF32 convs it failed on an H200
     (torch 2.11 + CUDA 13; max |Δlogit| 5e-4, 1 of 8 transcripts); with this code's fp32 forward
     the same rows gave 4e-6, all equal (measured outside pytest)."""
     if not torch.cuda.is_available():
         pytest.fail("marked gpu, but torch sees no CUDA device")
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision="fp32")
-    assert t.device.type == "cuda" and t.batch_invariant
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision="fp32", conv_encoder=conv_encoder)
+    assert t.device.type == "cuda" and t.batch_invariant and (t._encoder is None) == (conv_encoder == "stock")
     ref = Reference(group_model)
     batch = _utterances(11, 8)
     assert t.transcribe(batch) == [ref(w) for w in batch]
