@@ -174,16 +174,20 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
                   device: str, threads: int, passes: int, exact: bool = True,
                   conv_encoder: str = "auto") -> list[float]:
     """Seconds the job's model code takes without Ray on the same batches, per pass (see
-    :data:`PASSES`): ``CTCTranscriber`` (exact batching unless ``exact=False``; the conv encoder
-    ``conv_encoder``, see ``pipeline.model.CONV_ENCODERS``) padding, running and decoding each."""
+    :data:`PASSES`): ``CTCTranscriber.transcribe_batches`` (exact batching unless ``exact=False``; the
+    conv encoder ``conv_encoder``, see ``pipeline.model.CONV_ENCODERS``) padding, running and
+    decoding each."""
     transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision,
                                  exact=exact, conv_encoder=conv_encoder)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
     seconds = []
     for _ in range(passes):
         start = time.perf_counter()
-        for rows in plan:
-            transcriber.transcribe([waves[i] for i in rows])  # returns strings: the GPU is done
+        # As the job's replicas: each batch started before the one ahead is decoded. Strings come
+        # back, so the GPU is done when the clock stops.
+        for result in transcriber.transcribe_batches([waves[i] for i in rows] for rows in plan):
+            if isinstance(result, Exception):
+                raise result
         seconds.append(time.perf_counter() - start)
     return seconds
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +264,16 @@ def _first_group_norm(model) -> tuple[torch.nn.Module, torch.nn.GroupNorm] | Non
     return (layers[0], norm) if isinstance(norm, torch.nn.GroupNorm) else None
 
 
+@dataclass(frozen=True)
+class Started:
+    """A batch :meth:`CTCTranscriber.start` queued: its argmax ids (on the host once ``done``, a
+    CUDA event, has passed; ``None`` on a CPU) and each row's valid frames."""
+
+    ids: torch.Tensor
+    frames: list[int]
+    done: torch.cuda.Event | None
+
+
 class CTCTranscriber:
     """One loaded model replica; call :meth:`transcribe` with normalised 16 kHz waveforms.
 
@@ -401,14 +411,20 @@ class CTCTranscriber:
         """
         dtype = self.autocast if autocast == "default" else autocast
         lengths = [len(w) for w in waves]
-        batch = np.zeros((len(waves), max(lengths)), dtype=np.float32)
+        shape = len(waves), max(lengths)
+        if self.device.type == "cuda":  # page-locked, so that the copy to the GPU runs asynchronously
+            buffer = torch.zeros(shape, pin_memory=True)
+            batch = buffer.numpy()
+        else:
+            batch = np.zeros(shape, dtype=np.float32)
+            buffer = torch.from_numpy(batch)
         for row, wave in zip(batch, waves, strict=True):
             row[: len(wave)] = wave
-        inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        inputs = buffer.to(self.device, non_blocking=True)
         n = torch.as_tensor(lengths)
         mask = None
         if self.use_attention_mask:
-            mask = (torch.arange(inputs.shape[1]) < n[:, None]).to(self.device)
+            mask = torch.arange(shape[1], device=self.device) < n.to(self.device)[:, None]
         if self._norm is not None:
             self._norm.frames = conv_output_frames(n, *self._first_conv)
         if self._valid_lengths:
@@ -428,11 +444,54 @@ class CTCTranscriber:
 
         Each row's predictions are cut to its own frames, so padding never adds characters.
         """
-        ids = self.logits(waves).argmax(dim=-1).cpu()
+        return self.finish(self.start(waves))
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
+        """:meth:`transcribe` each batch in turn, starting each before finishing the one ahead of it
+        (:meth:`start`, :meth:`finish`): on a GPU the host decodes one batch and pads the next while
+        the GPU runs. A batch that fails yields its exception instead of texts, and the rest go on."""
+        pending = None
+        for waves in [*batches, None]:
+            started = None
+            if waves is not None:
+                try:
+                    started = self.start(waves)
+                except Exception as exc:  # noqa: BLE001 - the caller decides, in this batch's turn
+                    started = exc.with_traceback(None)  # its frames would keep the batch's tensors alive
+            if pending is not None:
+                yield self._finish_or_error(pending)
+            pending = started
+
+    def _finish_or_error(self, started: Started | Exception) -> list[str] | Exception:
+        if isinstance(started, Exception):
+            return started
+        try:
+            return self.finish(started)
+        except Exception as exc:  # noqa: BLE001 - as in transcribe_batches
+            return exc.with_traceback(None)
+
+    def start(self, waves: Sequence[np.ndarray]) -> Started:
+        """The first half of :meth:`transcribe`: pad the batch, queue its forward pass and argmax,
+        and the argmax's copy to the host. On a GPU this returns while they run, so the host can
+        decode the batch before (:meth:`finish`) and pad the next one meanwhile; on a CPU they
+        have run when it returns."""
+        ids = self.logits(waves).argmax(dim=-1)
         frames = self.frames([len(w) for w in waves])
-        texts = self.tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
-        if len(texts) != len(waves):
-            raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(waves)} rows")
+        if self.device.type != "cuda":
+            return Started(ids, frames, None)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Started(host, frames, done)
+
+    def finish(self, started: Started) -> list[str]:
+        """The second half of :meth:`transcribe`: wait for the batch's ids, greedy-decode each row."""
+        if started.done is not None:
+            started.done.synchronize()
+        texts = self.tokenizer.batch_decode([started.ids[i, :n].tolist() for i, n in enumerate(started.frames)])
+        if len(texts) != len(started.frames):
+            raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(started.frames)} rows")
         return texts
 
     def release_memory(self) -> None:

@@ -157,10 +157,9 @@ class TranscribeStage:
             else:
                 todo.append(i)
 
-        for batch in plan_batches([len(waves[i]) for i in todo], self.max_batch_samples,
-                                  self.max_padding_waste):
-            for i, text, padded_len in self._run([todo[b] for b in batch], waves, paths, fail):
-                transcripts[i], padded[i] = text, padded_len
+        plan = plan_batches([len(waves[i]) for i in todo], self.max_batch_samples, self.max_padding_waste)
+        for i, text, padded_len in self._run([[todo[b] for b in batch] for batch in plan], waves, paths, fail):
+            transcripts[i], padded[i] = text, padded_len
         self.transcriber.release_memory()
 
         out = {
@@ -172,21 +171,20 @@ class TranscribeStage:
         }
         return pa.table(out, schema=self.schema)
 
-    def _run(self, rows, waves, paths, fail):
-        """Yield ``(row, text, padded length)``; a failed batch is retried row by row, so a bad
-        row fails alone."""
-        try:
-            texts = self.transcriber.transcribe([waves[i] for i in rows])
-            padded_len = max(len(waves[i]) for i in rows)
-            yield from ((i, text, padded_len) for i, text in zip(rows, texts, strict=True))
-            return
-        except Exception as exc:  # noqa: BLE001 - narrowed below by retrying row by row
-            if len(rows) == 1:
-                fail(rows[0], S.ErrorKind.INFERENCE_ERROR, f"{paths[rows[0]]}: {type(exc).__name__}: {exc}")
-                return
-            log.warning("batch of %d rows failed (%s); retrying them one at a time", len(rows), exc)
-        for i in rows:
-            yield from self._run([i], waves, paths, fail)
+    def _run(self, batches, waves, paths, fail):
+        """Yield ``(row, text, padded length)`` for every row of ``batches``, transcribed in turn
+        (``CTCTranscriber.transcribe_batches``: on a GPU the host decodes one batch while the next
+        runs). A failed batch is retried row by row, so a bad row fails alone."""
+        results = self.transcriber.transcribe_batches([waves[i] for i in rows] for rows in batches)
+        for rows, result in zip(batches, results, strict=True):
+            if not isinstance(result, Exception):
+                padded_len = max(len(waves[i]) for i in rows)
+                yield from ((i, text, padded_len) for i, text in zip(rows, result, strict=True))
+            elif len(rows) == 1:
+                fail(rows[0], S.ErrorKind.INFERENCE_ERROR, f"{paths[rows[0]]}: {type(result).__name__}: {result}")
+            else:
+                log.warning("batch of %d rows failed (%s); retrying them one at a time", len(rows), result)
+                yield from self._run([[i] for i in rows], waves, paths, fail)
 
 
 def commit_file(path: str, write: Callable[[BinaryIO], object]) -> None:

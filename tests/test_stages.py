@@ -1,0 +1,66 @@
+"""The transcribe stage on Arrow tables, without Ray: batches started ahead, failures row by row."""
+
+import numpy as np
+import pyarrow as pa
+
+from helpers import Reference
+from pipeline import schema as S
+from pipeline.audio import normalize
+from pipeline.model import ModelSpec
+from pipeline.stages import TranscribeStage, _audio_column
+
+LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
+BAD_START, BAD_FINISH = 30_000, 8_500  # rows whose (two-row) batch fails when started / when finished
+
+
+def _decoded_table(waves: list[np.ndarray]) -> pa.Table:
+    n = len(waves)
+    cols = {
+        S.ID: [f"u{i}" for i in range(n)], S.PATH: [f"/corpus/u{i}.flac" for i in range(n)],
+        S.REFERENCE: [None] * n, S.DURATION_S: [len(w) / 16_000 for w in waves], S.SAMPLE_RATE: [16_000] * n,
+        S.NUM_CHANNELS: [1] * n, S.ERROR_KIND: [None] * n, S.ERROR: [None] * n, S.ERROR_STAGE: [None] * n,
+        S.NUM_SAMPLES: [len(w) for w in waves], S.AUDIO: _audio_column(waves),
+    }
+    return pa.table(cols, schema=S.DECODED_SCHEMA)
+
+
+def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
+    """The stage starts each batch before it finishes the one ahead (on a GPU the host decodes
+    while the GPU runs); a batch whose start or finish raises is retried row by row, so only the
+    row that fails alone becomes an ``inference_error`` row, and every other row is the reference's."""
+    rng = np.random.default_rng(0)
+    waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
+    stage = TranscribeStage(ModelSpec(str(group_model)), max_batch_samples=100_000, device="cpu")
+    transcriber, calls = stage.transcriber, []
+    start, finish = transcriber.start, transcriber.finish
+
+    def failing_start(batch):
+        calls.append(("start", sorted(len(w) for w in batch)))
+        if BAD_START in [len(w) for w in batch]:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return start(batch)
+
+    def failing_finish(started):
+        calls.append(("finish", len(started.frames)))
+        if transcriber.frames([BAD_FINISH])[0] in started.frames:
+            raise ValueError("undecodable ids (injected)")
+        return finish(started)
+
+    transcriber.start, transcriber.finish = failing_start, failing_finish
+    out = stage(_decoded_table(waves)).to_pylist()
+
+    ref = Reference(group_model)
+    assert [r[S.ID] for r in out] == [f"u{i}" for i in range(len(LENGTHS))]
+    for row, n, wave in zip(out, LENGTHS, waves, strict=True):
+        if n == 300:
+            assert row[S.ERROR_KIND] == S.ErrorKind.TOO_SHORT and row[S.TRANSCRIPT] is None
+        elif n in (BAD_START, BAD_FINISH):
+            assert row[S.ERROR_KIND] == S.ErrorKind.INFERENCE_ERROR and row[S.ERROR_STAGE] == S.STAGE_TRANSCRIBE
+            assert row[S.PATH] in row[S.ERROR] and "(injected)" in row[S.ERROR] and row[S.TRANSCRIPT] is None
+        else:
+            assert row[S.ERROR_KIND] is None and row[S.TRANSCRIPT] == ref(wave), n
+            assert row[S.PADDED_SAMPLES] >= n
+    # Batch k + 1 starts before batch k finishes: starts and finishes alternate after the first start.
+    planned = [c for c in calls if c[0] == "start" and len(c[1]) > 1]
+    assert len(planned) >= 3 and calls[0][0] == calls[1][0] == "start" and calls[2][0] == "finish"
+    assert caplog.text.count("retrying them one at a time") == 2  # the two batches holding a bad row
