@@ -116,15 +116,16 @@ class _Layer:
                 out = torch.mm(view, part) if bias is None else torch.addmm(bias, view, part)
         return out
 
-    def __call__(self, h: torch.Tensor, dtype: torch.dtype, steps: int | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, dtype: torch.dtype, steps: int | None = None,
+                 out: torch.dtype | None = None) -> torch.Tensor:
         """Contiguous ``(T, C_in)`` → conv (:meth:`conv_frames`) → norm (layer norm, in fp32) →
-        activation → ``(steps, C_out)`` in ``dtype``."""
+        activation → ``(steps, C_out)`` in ``out`` (default ``dtype``)."""
         x = self.conv_frames(h, steps)
         if self.norm_kind == "layer":
-            # Autocast runs layer_norm in fp32; the stock layer's output is then rounded once, to
-            # the compute dtype.
+            # The stock layer's layer norm computes in fp32 under autocast; its output is then
+            # rounded once, to the compute dtype (or kept, see BatchedMatmulFeatureEncoder).
             x = F.layer_norm(x.float(), *_affine(self.norm))
-        return self.activation(x).to(dtype)
+        return self.activation(x).to(out or dtype)
 
 
 def fold_group_norm(layer: _Layer, audio: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +144,8 @@ def fold_group_norm(layer: _Layer, audio: torch.Tensor, valid: torch.Tensor) -> 
     """
     norm = layer.norm
     frames = int(valid.max())  # valid on the CPU: no wait for the GPU here
-    valid = valid.clamp(min=1).to(audio.device)  # a row too short for a frame: a finite kernel no one reads
+    # A row too short for a frame gets a finite kernel no one reads; non_blocking: see CTCTranscriber.logits.
+    valid = valid.clamp(min=1).to(audio.device, non_blocking=True)
     u = audio.as_strided((audio.shape[0], frames, layer.kernel), (audio.stride(0), layer.stride, 1)).double()
     inside = (torch.arange(frames, device=audio.device) < valid[:, None]).double()[..., None]
     n = valid.double()[:, None]
@@ -287,8 +289,12 @@ class BatchedMatmulFeatureEncoder(_MatmulEncoder):
                 h = first.activation(h).to(dtype).view(-1, first.out_channels)
             else:
                 h = first(audio.view(-1, 1), dtype, steps=audio.numel() // first.stride)
+            # CUDA's autocast returns layer_norm's output in fp32 (the CPU's, in its input's dtype),
+            # so there a last layer with a layer norm gives fp32, as the stock one does.
+            last = self.layers[-1]
+            out = torch.float32 if device == "cuda" and last.norm_kind == "layer" else dtype
             for layer in self.layers[1:]:
-                h = layer(h, dtype, steps=h.shape[0] // layer.stride)
+                h = layer(h, dtype, steps=h.shape[0] // layer.stride, out=out if layer is last else dtype)
         return h.view(rows, width // stride, -1)[:, : self._frames(samples)].transpose(1, 2)
 
 

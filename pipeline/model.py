@@ -136,14 +136,19 @@ def ieee_fp32(on: bool) -> Iterator[None]:
     """While ``on``, fp32 on a GPU means IEEE fp32: TF32 off for cuDNN's convs (torch's default
     has it on) and cuBLAS's matmuls (``torch.set_float32_matmul_precision`` turns it on). cuDNN's
     TF32 convs moved random-weight logits by 5e-4 on an H200 (1 of 8 transcripts changed against
-    the CPU; 4e-6 and none without). The settings are restored afterwards."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    if on:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    the CPU; 4e-6 and none without). The settings are restored afterwards. Through torch's
+    ``fp32_precision`` settings: reading the older ``allow_tf32`` flags raises once anything in
+    the process has set the newer ones differently for convs and RNNs."""
+    if not on:
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def _relative_deviation(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -339,8 +344,10 @@ class CTCTranscriber:
         except UnsupportedEncoder as exc:
             log.warning("%s: keeping the stock conv feature encoder (%s)", name, exc)
             return None
-        rng = np.random.default_rng(0)
-        probe = torch.from_numpy(rng.standard_normal((2, 16_000)).astype(np.float32)).to(self.device)
+        # Unequal rows, zero-padded to a width that is no multiple of the stack's stride (320).
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16_111)).astype(np.float32))
+        probe[1, 12_345:] = 0
+        probe = probe.to(self.device)
         try:
             with torch.inference_mode(), ieee_fp32(True):
                 want, got = stock(probe), fast(probe)
@@ -424,7 +431,8 @@ class CTCTranscriber:
         n = torch.as_tensor(lengths)
         mask = None
         if self.use_attention_mask:
-            mask = torch.arange(shape[1], device=self.device) < n.to(self.device)[:, None]
+            # non_blocking: a plain copy to a GPU would wait for the batch ahead to finish
+            mask = torch.arange(shape[1], device=self.device) < n.to(self.device, non_blocking=True)[:, None]
         if self._norm is not None:
             self._norm.frames = conv_output_frames(n, *self._first_conv)
         if self._valid_lengths:
@@ -482,7 +490,7 @@ class CTCTranscriber:
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         host.copy_(ids, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return Started(host, frames, done)
 
     def finish(self, started: Started) -> list[str]:

@@ -113,20 +113,34 @@ def test_a_second_group_norm_model_is_exact_too(tmp_path):
     assert t.transcribe(batch) == [ref(w) for w in batch]
 
 
+@pytest.fixture
+def tf32_settings():
+    """torch's fp32 precision settings, restored after the test."""
+    b = torch.backends
+    parts = [b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn]
+    saved = [part.fp32_precision for part in parts]
+    yield
+    for part, value in zip(parts, saved, strict=True):
+        part.fp32_precision = value
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fp32_forward_runs_without_tf32_and_restores_the_settings(group_model, precision, monkeypatch):
+def test_fp32_forward_runs_without_tf32_and_restores_the_settings(group_model, precision, tf32_settings):
     """cuDNN's convs default to TF32, which changed a GPU fp32 transcript on an H200, and
     ``torch.set_float32_matmul_precision("high")`` gives matmuls TF32: an fp32 forward turns both
-    off for its own duration only; reduced precision leaves them alone."""
+    off for its own duration only; reduced precision leaves them alone. Here the process has also
+    set convs and RNNs apart, after which reading torch's older ``allow_tf32`` flags raises."""
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision=precision)
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     seen = []
-    t.model.register_forward_hook(lambda *_: seen.append(
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
-    assert torch.backends.cudnn.allow_tf32  # torch's default
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a user's "high" precision
+    t.model.register_forward_hook(lambda *_: seen.append((conv.fp32_precision, matmul.fp32_precision)))
+    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cudnn.allow_tf32  # noqa: B018 - the read is what raises
     t.transcribe(_utterances(4, 3))
-    assert seen == [(precision != "fp32",) * 2]
-    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert seen == [("ieee", "ieee") if precision == "fp32" else ("tf32", "tf32")]
+    assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
 
 
 @pytest.mark.gpu
@@ -143,6 +157,20 @@ def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(g
     ref = Reference(group_model)
     batch = _utterances(11, 8)
     assert t.transcribe(batch) == [ref(w) for w in batch]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_batches_started_ahead_give_what_each_alone_gives(group_model, precision):
+    """``transcribe_batches`` queues each batch before the one ahead is decoded (page-locked
+    buffers, an event per batch): the texts are those of each batch transcribed on its own."""
+    if not torch.cuda.is_available():
+        pytest.fail("marked gpu, but torch sees no CUDA device")
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision=precision)
+    batches = [_utterances(seed, count) for seed, count in [(20, 6), (21, 3), (22, 9), (23, 4), (24, 5)]]
+    want = [t.transcribe(batch) for batch in batches]
+    assert list(t.transcribe_batches(batches)) == want
+    assert sum(map(bool, sum(want, []))) > 5
 
 
 @pytest.mark.gpu
