@@ -19,7 +19,7 @@ audio-seconds per second for:
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
-(``pipeline.model.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
+(``pipeline.checkpoint.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
 ``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU, gives
 the job one GPU replica, batches as ``configs/gpu-cluster.yaml`` does (:data:`GPU_BATCHING`), and
 also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
@@ -54,8 +54,8 @@ from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
-from pipeline.model import (CONV_ENCODERS, CPU_REPLICA_ENV, PRECISIONS, CTCTranscriber, ModelSpec,
-                            guard_positional_conv)
+from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec
+from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, guard_positional_conv
 from pipeline.synth import chirp
 
 RATE = 16_000

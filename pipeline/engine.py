@@ -6,6 +6,7 @@ Every ``map_batches`` argument lives here, so Ray API churn touches this file al
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -23,15 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
-import torch
-import transformers
 from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
 from pipeline import schema as S
 from pipeline.config import JobConfig
 from pipeline.manifest import ManifestError, read_manifest
-from pipeline.model import CPU_REPLICA_ENV, FrontEnd, ModelSpec, load_front_end
+from pipeline.checkpoint import CPU_REPLICA_ENV, FrontEnd, ModelSpec, load_front_end
 from pipeline.stages import SHARD_PREFIX, DecodeStage, ShardWriter, TranscribeStage, commit_file
 
 log = logging.getLogger(__name__)
@@ -140,8 +139,9 @@ def metadata(p: Plan) -> dict[str, Any]:
         "model_revision": p.spec.revision,
         "precision": p.cfg.inference.precision,
         "corpus_transcribe": pipeline.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
+        # The driver's (from package metadata: it imports neither; see pipeline.checkpoint).
+        "transformers": importlib.metadata.version("transformers"),
+        "torch": importlib.metadata.version("torch"),
         "ray": ray.__version__,
     }
 

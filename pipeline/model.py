@@ -13,7 +13,6 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,58 +20,11 @@ import torch
 # cannot load without pyctcdecode and kenlm, and whose batch_decode takes logits, not ids.
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
-from pipeline import bundled
+from pipeline.checkpoint import ModelSpec
 from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
                                    conv_output_frames)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Where a checkpoint comes from and how far it is trusted."""
-
-    name: str
-    revision: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False  # pickle (.bin) weights can run code when loaded
-
-    @property
-    def source(self) -> str:
-        """What ``from_pretrained`` gets: ``@demo`` resolved where this runs (driver or actor)."""
-        return bundled.model_path(self.name)
-
-    def check_local_weights(self) -> None:
-        """Raise ``ValueError`` for a local folder that holds only pickle weights, unless allowed.
-
-        (Hub ids are checked where the weights load: ``use_safetensors=True`` refuses them there.)
-        """
-        folder = Path(self.source)
-        if self.allow_pickle_weights or not folder.is_dir() or any(folder.glob("*.safetensors")):
-            return
-        pickled = sorted(f.name for f in folder.glob("*.bin")) or ["no weights at all"]
-        raise ValueError(
-            f"model.name = {self.name!r}: no safetensors weights in {folder} (found {', '.join(pickled)}); "
-            "pickle weights can run code when loaded: convert them to safetensors, or set "
-            "model.allow_pickle_weights=true if you trust this checkpoint"
-        )
-
-    def kwargs(self) -> dict:
-        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
-
-
-@dataclass(frozen=True)
-class FrontEnd:
-    """What the decode stage needs to know of the model's feature extractor."""
-
-    sampling_rate: int
-    do_normalize: bool
-
-
-def load_front_end(spec: ModelSpec) -> FrontEnd:
-    """Read only the feature extractor's settings (a small JSON file), e.g. on the driver."""
-    fe = AutoFeatureExtractor.from_pretrained(spec.source, **spec.kwargs())
-    return FrontEnd(sampling_rate=int(fe.sampling_rate), do_normalize=bool(getattr(fe, "do_normalize", False)))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -220,32 +172,6 @@ def cast_linear_weights(model, dtype: torch.dtype) -> int:
     for layer in layers:
         layer.to(dtype)
     return len(layers)
-
-
-# Settings for CPU replica processes, as environment variables, read when the process starts or
-# when the library first needs them.
-# glibc: read before any thread exists (``mallopt`` later does not reach the arenas of threads
-# already running, and Ray calls a replica from a pool thread). Without them glibc gives every block
-# over 32 MiB back to the kernel and maps the next one afresh, so each large activation of a CPU
-# forward pass is paid for again in page faults: inside the job on the 2-core CPU the replica's bf16
-# forward passes ran ~12% faster with these (one pair of runs; alone, the chunked matmul encoder runs
-# as fast without them). The heap keeps its high-water mark and never shrinks: a process whose
-# allocations vary widely in size can fragment it (the benchmark's seed path grew to 24 GB on 30
-# minutes of audio), so this is for the replicas, which hand the free pages back after each call
-# (:meth:`CTCTranscriber.release_memory`).
-# oneDNN and ideep (PyTorch's wrapper of it) each keep what they build per matmul shape, up to 1024
-# entries by default, and nearly every batch has shapes of its own, a dozen or so per forward pass:
-# a bf16 wav2vec2-base replica's live heap grew by ~330 MB over the first 80 batches of distinct
-# lengths and its heap by ~1.2 GB. With both at 64 the live heap stays within ~70 MB of its start
-# and the speed is the same (the shapes rarely repeat, so few lookups hit either way).
-CPU_REPLICA_ENV = {
-    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena maps large blocks anyway
-    "MALLOC_MMAP_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
-    "LRU_CACHE_CAPACITY": "64",  # ideep's cache
-}
 
 
 def release_free_heap() -> bool:
@@ -505,7 +431,7 @@ class CTCTranscriber:
     def release_memory(self) -> None:
         """Between calls: a CPU replica gives its heap's free pages back (:func:`release_free_heap`).
 
-        Its batches' activations live in a heap that ``CPU_REPLICA_ENV`` tells never to shrink,
+        Its batches' activations live in a heap that ``pipeline.checkpoint.CPU_REPLICA_ENV`` tells never to shrink,
         and batches of ever new shapes fragment it: over a 2-hour corpus the heap grew to 2.3 GB
         around 0.5 GB of live blocks, and kept growing. Trimmed after each call of 64 rows it held
         ~0.7 GB; the next call pays its page faults again (~4% slower in one pair of runs in one

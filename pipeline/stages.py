@@ -22,7 +22,7 @@ from pipeline.batching import plan_batches
 from pipeline.isolation import IsolatedDecoder
 
 if TYPE_CHECKING:
-    from pipeline.model import ModelSpec
+    from pipeline.checkpoint import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from pipeline.audio import normalize
 from pipeline.bundled import input_path, model_path
 from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
                                    conv_output_frames)
-from pipeline.model import CTCTranscriber, ModelSpec
+from pipeline.checkpoint import ModelSpec
+from pipeline.model import CTCTranscriber
 
 LENGTHS = [400, 401, 3_217, 16_000, 40_000]
 

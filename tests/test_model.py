@@ -13,8 +13,8 @@ import torch
 
 from helpers import Reference, make_ctc_model
 from pipeline.audio import normalize
-from pipeline.model import (CPU_REPLICA_ENV, CTCTranscriber, ModelSpec, ValidFramesGroupNorm, load_front_end,
-                            receptive_field)
+from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec, load_front_end
+from pipeline.model import CTCTranscriber, ValidFramesGroupNorm, receptive_field
 
 
 def test_receptive_field_of_base_960h_geometry():

@@ -6,7 +6,7 @@ import pyarrow as pa
 from helpers import Reference
 from pipeline import schema as S
 from pipeline.audio import normalize
-from pipeline.model import ModelSpec
+from pipeline.checkpoint import ModelSpec
 from pipeline.stages import TranscribeStage, _audio_column
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
