@@ -78,6 +78,56 @@ def test_batched_logits_equal_one_at_a_time_reference(kind, conv_encoder, group_
     assert texts > 10, "the random model should emit characters, or the comparison proves little"
 
 
+def _ctc_like_ids(rng: np.random.Generator, rows: int, vocab: int, blank: int) -> tuple[np.ndarray, list[int]]:
+    """Argmax-like rows: runs of blanks and of repeated ids (word delimiters and ids past the
+    tokenizer's vocabulary among them), a one-frame row, rows shorter than the batch."""
+    frames = [1, 2] + rng.integers(3, 300, size=rows - 2).tolist()
+    ids = np.full((rows, max(frames) + 7), blank, dtype=np.int64)
+    for row, n in enumerate(frames):
+        seq: list[int] = []
+        while len(seq) < n:
+            seq += [blank] * int(rng.integers(0, 3)) + [int(rng.integers(0, vocab))] * int(rng.integers(1, 4))
+        ids[row, :n] = seq[:n]
+        ids[row, n:] = rng.integers(0, vocab, size=ids.shape[1] - n)  # padding frames: never read
+    return ids, frames
+
+
+def test_greedy_decoder_gives_the_tokenizers_batch_decode_texts(group_model, tmp_path):
+    """The batch-wide merging of GreedyCTCDecoder against the tokenizer's own, on base-960h's
+    vocabulary (model ids past it decode as <unk>, as the tokenizer spells them) and on a
+    lower-casing tokenizer with another word delimiter, an added token and clean-up; any other
+    tokenizer gets the plain call."""
+    import json
+
+    from transformers import AutoTokenizer, BertTokenizer, Wav2Vec2CTCTokenizer
+
+    from pipeline.model import GreedyCTCDecoder
+
+    base = AutoTokenizer.from_pretrained(group_model)
+    vocab = {"<pad>": 0, "<unk>": 1, "_": 2, "A": 3, "B": 4, "c": 5, "D": 6, "'": 7}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    other = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), word_delimiter_token="_", do_lower_case=True,
+                                 clean_up_tokenization_spaces=True)
+    other.add_tokens(["<laugh>"])
+    rng = np.random.default_rng(0)
+    merged = 0
+    for tokenizer, vocab_size in [(base, len(base) + 3), (other, len(other))]:
+        decoder = GreedyCTCDecoder(tokenizer, vocab_size)
+        assert decoder.canonical is not None
+        for _ in range(3):
+            ids, frames = _ctc_like_ids(rng, 40, vocab_size, tokenizer.pad_token_id)
+            want = tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
+            assert decoder(ids, frames) == want
+            merged += sum(len(t) for t in want)
+    assert merged > 1000
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nab\ncd\n")
+    bert = BertTokenizer(str(tmp_path / "vocab.txt"))
+    decoder = GreedyCTCDecoder(bert, 4)
+    ids, frames = _ctc_like_ids(rng, 5, 4, 0)
+    assert decoder.canonical is None
+    assert decoder(ids, frames) == bert.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
+
+
 def test_plain_zero_padding_is_what_the_exact_path_fixes(group_model):
     """Without the valid-frames group norm and mask, padding moves a group-norm model's logits."""
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", exact=False)
