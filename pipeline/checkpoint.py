@@ -8,11 +8,13 @@ that the driver does without (2-core CPU: the demo job's driver imported for 3.5
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import Wav2Vec2FeatureExtractor
 from transformers.feature_extraction_utils import FeatureExtractionMixin
+from transformers.utils import cached_file
 
 from pipeline import bundled
 
@@ -58,18 +60,39 @@ class FrontEnd:
     do_normalize: bool
 
 
+# The model types whose checkpoints transformers' AutoFeatureExtractor reads as a
+# Wav2Vec2FeatureExtractor when their settings name no class (its table of them imports torch;
+# tests/test_model.py checks these against it): the wav2vec2 family this job runs.
+WAV2VEC2_FAMILY = frozenset({"wav2vec2", "hubert", "wavlm", "data2vec-audio", "unispeech", "unispeech-sat",
+                             "sew", "sew-d", "wav2vec2-conformer"})
+
+
 def load_front_end(spec: ModelSpec) -> FrontEnd:
     """Read only the feature extractor's settings (a small JSON file, local or from the hub), e.g.
     on the driver. The wav2vec2 family's feature extractor is read without importing torch; any
-    other kind goes through ``AutoFeatureExtractor``, which imports it."""
+    other kind, or a checkpoint's own class (``auto_map``), goes through ``AutoFeatureExtractor``,
+    which imports it."""
     settings, _ = FeatureExtractionMixin.get_feature_extractor_dict(spec.source, revision=spec.revision)
-    if settings.get("feature_extractor_type") == "Wav2Vec2FeatureExtractor":
+    if _reads_as_wav2vec2(spec, settings):
         fe = Wav2Vec2FeatureExtractor.from_dict(settings)
     else:
         from transformers import AutoFeatureExtractor  # imported here: it imports torch
 
         fe = AutoFeatureExtractor.from_pretrained(spec.source, **spec.kwargs())
     return FrontEnd(sampling_rate=int(fe.sampling_rate), do_normalize=bool(getattr(fe, "do_normalize", False)))
+
+
+def _reads_as_wav2vec2(spec: ModelSpec, settings: dict) -> bool:
+    """Whether ``AutoFeatureExtractor`` would build a plain ``Wav2Vec2FeatureExtractor`` from ``settings``."""
+    if "auto_map" in settings:
+        return False
+    if "feature_extractor_type" in settings:
+        return settings["feature_extractor_type"] == "Wav2Vec2FeatureExtractor"
+    try:  # as AutoFeatureExtractor does then: the model's type, from its config.json
+        config = cached_file(spec.source, "config.json", revision=spec.revision)
+        return json.loads(Path(config).read_text()).get("model_type") in WAV2VEC2_FAMILY
+    except Exception:  # noqa: BLE001 - AutoFeatureExtractor then decides, and raises what it raises
+        return False
 
 
 # Settings for CPU replica processes, as environment variables, read when the process starts or

@@ -211,7 +211,7 @@ class GreedyCTCDecoder:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer = tokenizer
         self.canonical: np.ndarray | None = None
-        if isinstance(tokenizer, Wav2Vec2CTCTokenizer):
+        if type(tokenizer) is Wav2Vec2CTCTokenizer:  # a subclass (remote code) may merge otherwise
             first: dict[str, int] = {}
             tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
             self.canonical = np.array([first.setdefault(token, i) for i, token in enumerate(tokens)])
@@ -219,7 +219,7 @@ class GreedyCTCDecoder:
 
     def __call__(self, ids: np.ndarray, frames: Sequence[int]) -> list[str]:
         """``ids`` ``(rows, T)``; each row's first ``frames[row]`` are its own."""
-        if self.canonical is None:
+        if self.canonical is None or ids.max(initial=0) >= len(self.canonical):  # ids past the config's vocabulary
             return self.tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
         token = self.canonical[ids]
         keep = np.ones(ids.shape, dtype=bool)

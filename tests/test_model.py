@@ -26,6 +26,29 @@ def test_front_end_read_from_a_local_folder(group_model, layer_model):
     assert (fe.sampling_rate, fe.do_normalize) == (16_000, True)
 
 
+def test_front_end_read_without_torch_as_auto_feature_extractor_reads_it(tmp_path):
+    """Settings that name no class are read as the model type's feature extractor, as transformers'
+    AutoFeatureExtractor does (which imports torch); a checkpoint's own class goes through it."""
+    import json
+
+    from transformers import AutoFeatureExtractor
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
+
+    from pipeline.checkpoint import WAV2VEC2_FAMILY, _reads_as_wav2vec2
+
+    assert {FEATURE_EXTRACTOR_MAPPING_NAMES[kind] for kind in WAV2VEC2_FAMILY} == {"Wav2Vec2FeatureExtractor"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "hubert"}))
+    settings = {"sampling_rate": 8_000, "do_normalize": False, "feature_size": 1, "padding_value": 0.0}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    spec = ModelSpec(str(tmp_path))
+    assert _reads_as_wav2vec2(spec, settings)
+    fe, auto = load_front_end(spec), AutoFeatureExtractor.from_pretrained(tmp_path)
+    assert (fe.sampling_rate, fe.do_normalize) == (auto.sampling_rate, auto.do_normalize) == (8_000, False)
+    assert not _reads_as_wav2vec2(spec, {**settings, "auto_map": {"AutoFeatureExtractor": "x.MyExtractor"}})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    assert not _reads_as_wav2vec2(spec, settings)
+
+
 @pytest.mark.parametrize("groups", [16, 4, 1])
 def test_valid_frames_group_norm_equals_group_norm_on_each_row_alone(groups):
     torch.manual_seed(0)
@@ -120,6 +143,8 @@ def test_greedy_decoder_gives_the_tokenizers_batch_decode_texts(group_model, tmp
             assert decoder(ids, frames) == want
             merged += sum(len(t) for t in want)
     assert merged > 1000
+    ids[0, 0] = len(decoder.canonical) + 5  # past the vocabulary the config declares: the plain call
+    assert decoder(ids, frames) == tokenizer.batch_decode([ids[i, :n].tolist() for i, n in enumerate(frames)])
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nab\ncd\n")
     bert = BertTokenizer(str(tmp_path / "vocab.txt"))
     decoder = GreedyCTCDecoder(bert, 4)
@@ -203,7 +228,8 @@ def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(g
     if not torch.cuda.is_available():
         pytest.fail("marked gpu, but torch sees no CUDA device")
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision="fp32", conv_encoder=conv_encoder)
-    assert t.device.type == "cuda" and t.batch_invariant and (t._encoder is None) == (conv_encoder == "stock")
+    assert t.device.type == "cuda" and t.batch_invariant
+    assert (t._encoder is None) == (conv_encoder == "stock")
     ref = Reference(group_model)
     batch = _utterances(11, 8)
     assert t.transcribe(batch) == [ref(w) for w in batch]
