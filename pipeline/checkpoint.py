@@ -105,7 +105,7 @@ def _reads_as_wav2vec2(spec: ModelSpec, settings: dict) -> bool:
 # as fast without them). The heap keeps its high-water mark and never shrinks: a process whose
 # allocations vary widely in size can fragment it (the benchmark's seed path grew to 24 GB on 30
 # minutes of audio), so this is for the replicas, which hand the free pages back after each call
-# (:meth:`CTCTranscriber.release_memory`).
+# (:meth:`pipeline.model.CTCTranscriber.release_memory`).
 # oneDNN and ideep (PyTorch's wrapper of it) each keep what they build per matmul shape, up to 1024
 # entries by default, and nearly every batch has shapes of its own, a dozen or so per forward pass:
 # a bf16 wav2vec2-base replica's live heap grew by ~330 MB over the first 80 batches of distinct
