@@ -138,6 +138,7 @@ def metadata(p: Plan) -> dict[str, Any]:
         "model": p.spec.name,
         "model_revision": p.spec.revision,
         "precision": p.cfg.inference.precision,
+        "conv_encoder": p.cfg.inference.conv_encoder,  # as configured: auto resolves per replica (its log says how)
         "corpus_transcribe": pipeline.__version__,
         # The driver's (from package metadata: it imports neither; see pipeline.checkpoint).
         "transformers": importlib.metadata.version("transformers"),

@@ -94,6 +94,7 @@ def test_schema_metadata_and_source_columns(layer_run, layer_model):
         assert schema.remove_metadata() == S.OUTPUT_SCHEMA
         meta = json.loads(schema.metadata[S.METADATA_KEY])
         assert meta["model"] == str(layer_model) and meta["corpus_transcribe"] and meta["transformers"]
+        assert (meta["precision"], meta["conv_encoder"]) == ("fp32", "auto")
         assert pq.read_metadata(shard).num_rows <= 10  # output.rows_per_shard
     rows = by_id(out)
     clip = rows["clip005"]
