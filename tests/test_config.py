@@ -22,6 +22,16 @@ def test_the_benchmarks_gpu_batching_is_the_gpu_configs():
     assert (bench.rows_per_call, bench.max_batch_samples) == (gpu.rows_per_call, gpu.max_batch_samples)
 
 
+def test_the_configs_conv_encoders_are_the_models():
+    """config.py cannot import pipeline.model (torch): the two lists are kept equal here."""
+    from typing import get_args
+
+    from pipeline.config import InferenceConfig
+    from pipeline.model import CONV_ENCODERS
+
+    assert get_args(InferenceConfig.model_fields["conv_encoder"].annotation) == ("auto", "stock", *CONV_ENCODERS)
+
+
 def test_names_of_shipped_configs():
     assert {p.stem for p in CONFIGS} >= {"demo", "librispeech", "gpu-cluster"}
 
