@@ -14,7 +14,8 @@ audio-seconds per second for:
 3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
    ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding,
-   ``--encoders`` with other conv feature encoders);
+   ``--encoders`` with other conv feature encoders; ``--decode-cost`` times its greedy decoding
+   alone against the tokenizer's ``batch_decode``);
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
@@ -55,7 +56,8 @@ from pipeline.batching import plan_batches
 from pipeline.config import load_config
 from pipeline.engine import run_job
 from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec
-from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, guard_positional_conv
+from pipeline.conv_encoder import conv_output_frames
+from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, GreedyCTCDecoder, guard_positional_conv
 from pipeline.synth import chirp
 
 RATE = 16_000
@@ -192,6 +194,43 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
     return seconds
 
 
+def decoding(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], seed: int = 0) -> dict[str, float]:
+    """Seconds greedy decoding takes over the plan's batches: the tokenizer's ``batch_decode``
+    (how the seed path and the transformers pipeline decode) and the job's ``GreedyCTCDecoder``, on
+    the same CTC-like argmax ids (each row's frames as the model gives them: runs of blanks and of
+    repeated characters; a random-weight model's own argmax has hardly any blanks). Raises if the
+    two decode any row differently."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    decoder = GreedyCTCDecoder(tokenizer, config.vocab_size)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for rows in plan:
+        frames = torch.tensor([len(waves[i]) for i in rows])
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+            frames = conv_output_frames(frames, kernel, stride)
+        blank = tokenizer.pad_token_id
+        ids = np.full((len(rows), int(frames.max())), blank, dtype=np.int64)
+        for row, n in zip(ids, frames.tolist(), strict=True):
+            seq: list[int] = []
+            while len(seq) < n:  # 1-3 blanks, then a character (past the 4 special tokens) 1-2 times
+                char = int(rng.integers(4, len(tokenizer)))
+                seq += [blank] * int(rng.integers(1, 4)) + [char] * int(rng.integers(1, 3))
+            row[:n] = seq[:n]
+        batches.append((ids, frames.tolist()))
+    seconds, texts = {}, {}
+    for name, decode in [("batch_decode", lambda ids, frames: tokenizer.batch_decode(
+            [ids[i, :n].tolist() for i, n in enumerate(frames)])), ("greedy-ctc-decoder", decoder)]:
+        start = time.perf_counter()
+        texts[name] = [decode(ids, frames) for ids, frames in batches]
+        seconds[name] = time.perf_counter() - start
+    if texts["batch_decode"] != texts["greedy-ctc-decoder"]:
+        raise RuntimeError("GreedyCTCDecoder decoded a row differently from the tokenizer's batch_decode")
+    return seconds
+
+
 def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
     cfg = load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
         "input.path": str(manifest_dir), "output.path": str(out), "model.name": model_dir,
@@ -221,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
     ap.add_argument("--exact-cost", action="store_true",
                     help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
+    ap.add_argument("--decode-cost", action="store_true",
+                    help="also time greedy decoding alone: the tokenizer's batch_decode against the job's "
+                         "GreedyCTCDecoder, on CTC-like ids for the plan's batches")
     ap.add_argument("--encoders", nargs="*", default=[], choices=["stock", *CONV_ENCODERS],
                     help="also time 3b with these conv feature encoders (replica-<name>); the job's own "
                          "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs")
@@ -244,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = base_model_folder(tmp / "model", args.model)
         inference = load_config(overrides=args.overrides).inference
         seconds: dict[str, list[float]] = {}
+        decode_s: dict[str, list[float]] = {}
         summaries = []
         for _ in range(args.repeats):
             if "seed" not in args.skip:
@@ -260,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.exact_cost:
                 record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
                                                                args.threads, passes, exact=False))
+            if args.decode_cost:
+                for name, value in decoding(model_dir, waves, plan).items():
+                    decode_s.setdefault(name, []).append(value)
             for encoder in args.encoders:
                 record(seconds, f"replica-{encoder}", replica_alone(
                     model_dir, waves, plan, args.precision, args.device, args.threads, passes, conv_encoder=encoder))
@@ -295,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_forward_padding_waste": round(bare_waste, 4),
         "seconds": seconds,
         "replica_alone_by_budget": {str(b): round(v, 2) for b, v in sweep.items()},
+        "decoding_audio_s_per_s": {k: round(audio_s / statistics.median(v), 1) for k, v in decode_s.items()},
     }
     print(f"\n{len(paths)} files, {audio_s / 60:.1f} min of audio, {result['model']}, job precision "
           f"{args.precision}, {result['machine']}")
@@ -306,6 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:{width}s} {value:9.2f}x")
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
+    if decode_s:
+        dec = result["decoding_audio_s_per_s"]
+        print(f"greedy decoding alone: batch_decode {dec['batch_decode']:,.0f}, GreedyCTCDecoder "
+              f"{dec['greedy-ctc-decoder']:,.0f} audio s/s "
+              f"({dec['greedy-ctc-decoder'] / dec['batch_decode']:.2f}x, same texts)")
     for budget, value in sweep.items():
         print(f"replica-alone at max_batch_samples={budget:>9,d}: {value:8.2f} audio s/s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
