@@ -298,5 +298,75 @@ class BatchedMatmulFeatureEncoder(_MatmulEncoder):
         return h.view(rows, width // stride, -1)[:, : self._frames(samples)].transpose(1, 2)
 
 
+# Frames of the positional conv's windows copied at once: at wav2vec2-base's 768 channels and
+# kernel 128, ~200 KB a frame in bf16, so ~400 MB.
+POSITIONAL_BLOCK_FRAMES = 2048
+
+
+class MatmulPositionalConv(torch.nn.Module):
+    """Drop-in for a wav2vec2-family ``PositionalConvEmbedding`` (grouped ``Conv1d`` over frames,
+    "same" padding, activation), for GPUs: ``forward(hidden (B, T, C)) → (B, T, C)``. Raises
+    :class:`UnsupportedEncoder` for a module with more than conv, padding and activation (e.g.
+    HuBERT's batch-norm variant, Data2VecAudio's stack of convs).
+
+    On an H200 cuDNN ran wav2vec2-base's (768 channels in 16 groups, kernel 128) with generic
+    kernels that took 80% of a bf16 forward's GPU time once the feature encoder no longer used
+    cuDNN. Here the rows are laid end to end with their zero padding between them, and each
+    group's windows (``k * C/g`` consecutive numbers of the group-major input) are copied a block
+    of frames at a time and multiplied by the group's kernel: one product per block, accumulated
+    in fp32 inside the matmul and rounded once, as a conv is. Windows that straddle two rows are
+    computed and dropped.
+    """
+
+    def __init__(self, embedding: torch.nn.Module):
+        super().__init__()
+        conv = getattr(embedding, "conv", None)
+        extra = {name for name, _ in embedding.named_children()} - {"conv", "padding", "activation"}
+        if not isinstance(conv, torch.nn.Conv1d) or extra:
+            raise UnsupportedEncoder(f"{type(embedding).__name__} is not a lone grouped conv ({sorted(extra)})")
+        kernel = conv.kernel_size[0]
+        if conv.stride != (1,) or conv.dilation != (1,) or conv.padding != (kernel // 2,) or conv.padding_mode != "zeros":
+            raise UnsupportedEncoder(f"{type(embedding).__name__}: strided, dilated or not 'same'-padded conv")
+        self.embedding = embedding  # kept as a submodule: its parameters stay the model's
+        self.kernel, self.groups, self.pad = kernel, conv.groups, kernel // 2
+        self.remove = getattr(embedding.padding, "num_pad_remove", 0)
+        self.activation = embedding.activation
+        self._weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """In ``dtype``: the kernel per group ``(g, k * C_in/g, C_out/g)``, rows ordered (tap,
+        channel), and the bias. Computed once (a weight-normed conv recomputes its weight on
+        every call)."""
+        if dtype not in self._weights:
+            conv = self.embedding.conv
+            out_channels, width, _ = conv.weight.shape
+            w = conv.weight.detach().view(self.groups, out_channels // self.groups, width, self.kernel)
+            w = w.permute(0, 3, 2, 1).reshape(self.groups, self.kernel * width, -1).to(dtype).contiguous()
+            b = conv.bias
+            self._weights[dtype] = w, None if b is None else b.detach().to(dtype)
+        return self._weights[dtype]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        device, dtype = _compute_dtype(hidden_states)
+        rows, frames, channels = hidden_states.shape
+        (kernel, bias), groups = self.weights(dtype), self.groups
+        width = channels // groups
+        span = frames + 2 * self.pad  # each row's frames with its zero padding
+        outputs = rows * span - self.kernel + 1  # windows over the rows laid end to end
+        with torch.autocast(device, enabled=False):
+            x = F.pad(hidden_states.to(dtype), (0, 0, self.pad, self.pad))
+            x = x.view(rows * span, groups, width).transpose(0, 1).contiguous()  # (g, rows*span, width)
+            out = torch.zeros(groups, rows * span, kernel.shape[2], dtype=dtype, device=x.device)
+            if bias is not None:
+                out[:, :outputs] = bias.view(groups, 1, -1)
+            for start in range(0, outputs, POSITIONAL_BLOCK_FRAMES):
+                n = min(POSITIONAL_BLOCK_FRAMES, outputs - start)
+                windows = x.as_strided((groups, n, kernel.shape[1]), (x.stride(0), width, 1),
+                                       x.storage_offset() + start * width)
+                out[:, start : start + n].baddbmm_(windows.contiguous(), kernel)  # bias added before the one rounding
+            out = out.transpose(0, 1).reshape(rows, span, channels)
+        return self.activation(out[:, : span - self.kernel + 1 - self.remove])
+
+
 def _affine(norm: torch.nn.LayerNorm) -> tuple:
     return norm.normalized_shape, norm.weight, norm.bias, norm.eps

@@ -12,18 +12,19 @@ import ctypes
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 # Not AutoProcessor: a checkpoint that decodes with an LM names Wav2Vec2ProcessorWithLM, which it
 # cannot load without pyctcdecode and kenlm, and whose batch_decode takes logits, not ids.
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer, Wav2Vec2CTCTokenizer
 
 from pipeline.checkpoint import ModelSpec
-from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
-                                   conv_output_frames)
+from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, MatmulPositionalConv,
+                                   UnsupportedEncoder, conv_output_frames)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 # matmul one on CPUs in reduced precision (where oneDNN's conv1d can be slow), the batched one on
 # GPUs (where cuDNN's convs took 80% of a warm bf16 forward), and the stock one otherwise.
 CONV_ENCODERS = {"chunked": MatmulFeatureEncoder, "batched": BatchedMatmulFeatureEncoder}
+
+
+# Attention kernels a GPU replica may use: not cuDNN's (torch's first choice on an H200), which
+# builds a graph for each new shape: 2.6 ms of host time per attention call, ~31 ms per batch for
+# wav2vec2-base's 12 layers (torch profiler, H200), and nearly every batch has a shape of its own.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @contextmanager
@@ -265,15 +272,17 @@ class CTCTranscriber:
         self.model.to(self.device).eval()
         self.decoder = GreedyCTCDecoder(self.tokenizer, self.model.config.vocab_size)
         self.autocast = PRECISIONS[precision]
-        self.positional_conv_fp32 = False
-        if self.autocast is not None and self.device.type == "cpu":
-            self.positional_conv_fp32 = guard_positional_conv(self.model, self.autocast)
         if conv_encoder not in ("auto", "stock", *CONV_ENCODERS):
             raise ValueError(f"conv_encoder = {conv_encoder!r}: use auto, stock or one of {sorted(CONV_ENCODERS)}")
         if conv_encoder == "auto":
             conv_encoder = ("batched" if self.device.type == "cuda" else
                             "chunked" if self.autocast is not None else "stock")
         self._encoder = None if conv_encoder == "stock" else self._install_matmul_encoder(spec.name, conv_encoder)
+        # The GPU layout also runs the positional conv as matmuls (see MatmulPositionalConv).
+        self.matmul_positional_conv = conv_encoder == "batched" and self._install_matmul_positional_conv(spec.name)
+        self.positional_conv_fp32 = False
+        if self.autocast is not None and self.device.type == "cpu" and not self.matmul_positional_conv:
+            self.positional_conv_fp32 = guard_positional_conv(self.model, self.autocast)
         config = self.model.config
         self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
         self._first_conv = config.conv_kernel[0], config.conv_stride[0]
@@ -289,38 +298,57 @@ class CTCTranscriber:
             cast_linear_weights(self.model, self.autocast)
         log.info(
             "loaded %s on %s (%s, %d threads, attention mask: %s, batch-invariant: %s, conv encoder: %s, "
-            "positional conv: %s)", spec.name, self.device, precision, torch.get_num_threads(),
+            "positional conv: %s%s)", spec.name, self.device, precision, torch.get_num_threads(),
             self.use_attention_mask, self.batch_invariant, type(self._encoder).__name__ if self._encoder else "stock",
-            "fp32" if self.positional_conv_fp32 else precision,
+            "matmul, " if self.matmul_positional_conv else "", "fp32" if self.positional_conv_fp32 else precision,
         )
 
     def _install_matmul_encoder(self, name: str, kind: str) -> torch.nn.Module | None:
-        """Swap in the matmul conv encoder ``kind`` (a key of :data:`CONV_ENCODERS`) if the model's
-        encoder has its structure and its fp32 output matches the stock encoder's on a probe;
-        else keep the stock one and say why, once."""
+        """Swap in the matmul conv encoder ``kind`` (a key of :data:`CONV_ENCODERS`) where
+        :meth:`_checked_swap` passes it; return it, or None."""
         base = self.model.base_model
-        stock = getattr(base, "feature_extractor", None)
-        try:
-            fast = CONV_ENCODERS[kind](stock)
-        except UnsupportedEncoder as exc:
-            log.warning("%s: keeping the stock conv feature encoder (%s)", name, exc)
-            return None
         # Unequal rows, zero-padded to a width that is no multiple of the stack's stride (320).
         probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16_111)).astype(np.float32))
         probe[1, 12_345:] = 0
+        fast = self._checked_swap(name, "conv feature encoder", getattr(base, "feature_extractor", None),
+                                  CONV_ENCODERS[kind], probe)
+        if fast is not None:
+            base.feature_extractor = fast
+        return fast
+
+    def _install_matmul_positional_conv(self, name: str) -> bool:
+        """Swap in :class:`MatmulPositionalConv` where :meth:`_checked_swap` passes it."""
+        stock = _positional_conv(self.model)
+        if stock is None:
+            return False
+        # Unequal rows, the shorter one's padded frames zeroed as the encoder zeroes them.
+        probe = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 301, self.model.config.hidden_size))
+                                 .astype(np.float32))
+        probe[1, 217:] = 0
+        fast = self._checked_swap(name, "positional conv", stock, MatmulPositionalConv, probe)
+        if fast is not None:
+            self.model.base_model.encoder.pos_conv_embed = fast
+        return fast is not None
+
+    def _checked_swap(self, name: str, what: str, stock: torch.nn.Module, make, probe: torch.Tensor):
+        """``make(stock)`` if the model has the structure it computes and its fp32 output matches
+        ``stock``'s on ``probe``; else None, saying why once (the stock module stays)."""
+        try:
+            fast = make(stock)
+        except UnsupportedEncoder as exc:
+            log.warning("%s: keeping the stock %s (%s)", name, what, exc)
+            return None
         probe = probe.to(self.device)
         try:
             with torch.inference_mode(), ieee_fp32(True):
                 want, got = stock(probe), fast(probe)
         except Exception as exc:  # noqa: BLE001 - a layer it computes wrongly may also fail: keep the stock one
-            log.warning("%s: keeping the stock conv feature encoder (the matmul one failed: %s)", name, exc)
+            log.warning("%s: keeping the stock %s (the matmul one failed: %s)", name, what, exc)
             return None
         deviation = _relative_deviation(got, want) if want.shape == got.shape else math.inf
         if deviation > self.PROBE_TOLERANCE:
-            log.warning("%s: keeping the stock conv feature encoder (the matmul one differs by %.3g on a probe)",
-                        name, deviation)
+            log.warning("%s: keeping the stock %s (the matmul one differs by %.3g on a probe)", name, what, deviation)
             return None
-        base.feature_extractor = fast
         return fast
 
     def _make_batch_invariant(self, name: str) -> bool:
@@ -400,6 +428,7 @@ class CTCTranscriber:
             self._encoder.lengths = n
         try:
             with (torch.inference_mode(), ieee_fp32(dtype is None),
+                  sdpa_kernel(ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext(),
                   torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)):
                 return self.model(inputs, attention_mask=mask).logits.float()
         finally:

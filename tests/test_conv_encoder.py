@@ -6,14 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
-from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormConvLayer
+from transformers import (AutoModelForCTC, Data2VecAudioConfig, HubertConfig, Wav2Vec2Config, Wav2Vec2ForCTC,
+                          WavLMConfig)
+from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPositionalConvLayer
+from transformers.models.hubert.modeling_hubert import HubertPositionalConvEmbedding
+from transformers.models.wav2vec2.modeling_wav2vec2 import (Wav2Vec2NoLayerNormConvLayer,
+                                                            Wav2Vec2PositionalConvEmbedding)
+from transformers.models.wavlm.modeling_wavlm import WavLMPositionalConvEmbedding
 
 from pipeline import conv_encoder, demo_model
 from pipeline.audio import normalize
 from pipeline.bundled import input_path, model_path
-from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, UnsupportedEncoder,
-                                   conv_output_frames)
+from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, MatmulPositionalConv,
+                                   UnsupportedEncoder, conv_output_frames)
 from pipeline.checkpoint import ModelSpec
 from pipeline.model import CTCTranscriber
 
@@ -206,3 +211,67 @@ def test_unknown_layers_keep_the_stock_encoder_and_say_why(group_model, caplog):
     stock.conv_layers[1].layer_norm = torch.nn.GroupNorm(16, 16)
     with pytest.raises(UnsupportedEncoder, match="a group norm after the raw-audio layer"):
         MatmulFeatureEncoder(stock)
+
+
+# (module, config): wav2vec2-base's kernel and groups at a smaller width, an odd kernel, HuBERT's and
+# WavLM's copies of the module.
+POSITIONAL = [
+    (Wav2Vec2PositionalConvEmbedding, Wav2Vec2Config(hidden_size=64, num_conv_pos_embeddings=128,
+                                                     num_conv_pos_embedding_groups=16)),
+    (Wav2Vec2PositionalConvEmbedding, Wav2Vec2Config(hidden_size=24, num_conv_pos_embeddings=7,
+                                                     num_conv_pos_embedding_groups=3)),
+    (HubertPositionalConvEmbedding, HubertConfig(hidden_size=32, num_conv_pos_embeddings=16,
+                                                 num_conv_pos_embedding_groups=4)),
+    (WavLMPositionalConvEmbedding, WavLMConfig(hidden_size=32, num_conv_pos_embeddings=32,
+                                               num_conv_pos_embedding_groups=2)),
+]
+
+
+def _frames(channels: int, valid=(300, 1, 217, 64), seed: int = 0) -> torch.Tensor:
+    """Rows of these valid frames, zero-padded as the encoder zeroes them before the positional conv."""
+    torch.manual_seed(seed)
+    x = torch.randn(len(valid), max(valid), channels)
+    for row, n in enumerate(valid):
+        x[row, n:] = 0
+    return x
+
+
+@pytest.mark.parametrize("block", [conv_encoder.POSITIONAL_BLOCK_FRAMES, 5])
+@pytest.mark.parametrize("module, config", POSITIONAL, ids=lambda p: getattr(p, "__name__", ""))
+def test_matmul_positional_conv_equals_the_stock_one(module, config, block, monkeypatch):
+    """fp32: the same outputs as the stock module, in blocks of any size (5: windows of one block
+    straddle two rows); bf16 autocast: as close to fp32 as the stock module under autocast."""
+    monkeypatch.setattr(conv_encoder, "POSITIONAL_BLOCK_FRAMES", block)
+    torch.manual_seed(1)
+    stock = module(config).eval()
+    fast = MatmulPositionalConv(stock)
+    x = _frames(config.hidden_size)
+    with torch.inference_mode():
+        want, got = stock(x), fast(x)
+        assert got.shape == want.shape == x.shape
+        assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+        one = fast(x[1:2, :1])  # a row of one frame alone
+        assert float((one - want[1:2, :1]).abs().max()) <= 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fast(x)
+            stock_low = stock(x)
+    assert low.dtype == stock_low.dtype == torch.bfloat16
+    assert float((low.float() - want).abs().max()) <= 2 * float((stock_low.float() - want).abs().max()) + 1e-3
+
+
+def test_positional_convs_it_does_not_know_raise():
+    with pytest.raises(UnsupportedEncoder, match=r"not a lone grouped conv \(\['batch_norm'\]\)"):
+        MatmulPositionalConv(HubertPositionalConvEmbedding(HubertConfig(hidden_size=32, conv_pos_batch_norm=True)))
+    data2vec = Data2VecAudioConfig(hidden_size=32, num_conv_pos_embeddings=5)
+    with pytest.raises(UnsupportedEncoder, match="not a lone grouped conv"):
+        MatmulPositionalConv(Data2VecAudioPositionalConvLayer(data2vec))  # one of Data2VecAudio's stacked convs
+
+
+def test_the_gpu_layout_takes_the_matmul_positional_conv(group_model):
+    """conv_encoder batched (the GPUs' auto) swaps it in after its probe; the CPU's auto keeps the stock one."""
+    batched = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32", conv_encoder="batched")
+    assert batched.matmul_positional_conv
+    assert isinstance(batched.model.base_model.encoder.pos_conv_embed, MatmulPositionalConv)
+    auto = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="bf16")
+    assert not auto.matmul_positional_conv
+    assert isinstance(auto.model.base_model.encoder.pos_conv_embed, Wav2Vec2PositionalConvEmbedding)
