@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "GreedyCTCDecoder, on CTC-like ids for the plan's batches")
     ap.add_argument("--encoders", nargs="*", default=[], choices=["stock", *CONV_ENCODERS],
                     help="also time 3b with these conv feature encoders (replica-<name>); the job's own "
-                         "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs")
+                         "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs (with the "
+                         "positional conv as products too)")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
                          "ones (needed for the seed path on long corpora: under the replicas' settings its "

@@ -81,7 +81,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 # The conv feature encoders a replica can run (pipeline.conv_encoder): "auto" takes the chunked
 # matmul one on CPUs in reduced precision (where oneDNN's conv1d can be slow), the batched one on
-# GPUs (where cuDNN's convs took 80% of a warm bf16 forward), and the stock one otherwise.
+# GPUs (where cuDNN's convs took 80% of a warm bf16 forward; with it, the positional conv as
+# products too), and the stock one otherwise.
 CONV_ENCODERS = {"chunked": MatmulFeatureEncoder, "batched": BatchedMatmulFeatureEncoder}
 
 
