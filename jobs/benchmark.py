@@ -16,7 +16,10 @@ audio-seconds per second for:
    ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding,
    ``--encoders`` with other conv feature encoders; ``--decode-cost`` times its greedy decoding
    alone against the tokenizer's ``batch_decode``);
-4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet).
+4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet);
+   ``--job-marginal`` also runs it on the first half of the files: the second half's audio over the
+   time it adds (``job-marginal``) is the job's speed without its fixed start-up, which a short
+   corpus cannot amortise (its estimate is printed too).
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
@@ -62,9 +65,10 @@ from pipeline.synth import chirp
 
 RATE = 16_000
 # Passes of 3 and 3b over the plan. On a GPU the first batch of each new shape pays for per-shape
-# set-up (cuDNN's plans among it; ~45-100 ms a batch on an H200, more than its arithmetic), and
-# every batch of a plan has a shape of its own, as in the job: the first pass is what the job
-# sees, the second ("-again") the arithmetic ceiling.
+# set-up (in cuDNN's convs and attention: ~45-100 ms a batch on an H200, more than its arithmetic,
+# before the replica stopped using them; the stock forward still does), and every batch of a plan
+# has a shape of its own, as in the job: the first pass is what the job sees, the second ("-again")
+# the ceiling without that set-up.
 PASSES = {"cpu": 1, "cuda": 2}
 # configs/gpu-cluster.yaml's batching (tests/test_config.py keeps them equal): more rows per call
 # and larger batches mean fewer batches, so fewer new shapes (see PASSES).
@@ -267,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time 3b with these conv feature encoders (replica-<name>); the job's own "
                          "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs (with the "
                          "positional conv as products too)")
+    ap.add_argument("--job-marginal", action="store_true",
+                    help="also run the job on the first half of the files: the job's speed without its "
+                         "start-up (job-marginal) and the start-up's estimate")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
                          "ones (needed for the seed path on long corpora: under the replicas' settings its "
@@ -284,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         paths = make_corpus(tmp / "corpus", args.minutes)
         audio_s = sum(sf.info(p).duration for p in paths)
+        if args.job_marginal:
+            half = paths[: len(paths) // 2]
+            (tmp / "half").mkdir()
+            for path in half:
+                os.link(path, tmp / "half" / path.name)
+            added_s = audio_s - sum(sf.info(p).duration for p in half)
         model_dir = base_model_folder(tmp / "model", args.model)
         inference = load_config(overrides=args.overrides).inference
         seconds: dict[str, list[float]] = {}
@@ -315,6 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
+            if args.job_marginal:
+                added = summary["wall_s"] - job(model_dir, tmp / "half", tmp / "out", args.precision,
+                                                args.overrides)["wall_s"]
+                # As seconds for the whole corpus at the second half's speed, like the other paths.
+                seconds.setdefault("job-marginal", []).append(added * audio_s / added_s)
         sweep = {}
         for budget in args.budgets:
             waves, plan = sorted_batches(paths, budget, inference.max_padding_waste)
@@ -324,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
             sweep[budget] = audio_s / statistics.median(alone)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
-    ratios = {f"job/{name}": speed["job"] / speed[name] for name in speed if name != "job"}
+    jobs = [name for name in ("job", "job-marginal") if name in speed]
+    ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed if name not in jobs}
     for name in speed:  # plain padding or another encoder against the job's model code
         if name.startswith("replica-") and name not in ("replica-alone", "replica-alone-again"):
             base = "replica-alone-again" if name.endswith("-again") else "replica-alone"
@@ -354,6 +373,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:{width}s} {value:9.2f}x")
     print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
           f"corpus) {bare_waste:.2%}")
+    if args.job_marginal:
+        startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
+        result["job_startup_s"] = round(startup, 1)
+        print(f"job start-up, estimated (job's wall time less the corpus at job-marginal's speed): {startup:.1f} s")
     if decode_s:
         dec = result["decoding_audio_s_per_s"]
         print(f"greedy decoding alone: batch_decode {dec['batch_decode']:,.0f}, GreedyCTCDecoder "
