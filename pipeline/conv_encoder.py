@@ -326,38 +326,43 @@ class MatmulPositionalConv(torch.nn.Module):
         super().__init__()
         conv = getattr(embedding, "conv", None)
         extra = {name for name, _ in embedding.named_children()} - {"conv", "padding", "activation"}
-        if not isinstance(conv, torch.nn.Conv1d) or extra:
+        if not isinstance(conv, torch.nn.Conv1d) or extra or not hasattr(getattr(embedding, "padding", None),
+                                                                          "num_pad_remove"):
             raise UnsupportedEncoder(f"{type(embedding).__name__} is not a lone grouped conv ({sorted(extra)})")
         kernel = conv.kernel_size[0]
-        if conv.stride != (1,) or conv.dilation != (1,) or conv.padding != (kernel // 2,) or conv.padding_mode != "zeros":
-            raise UnsupportedEncoder(f"{type(embedding).__name__}: strided, dilated or not 'same'-padded conv")
+        if (conv.stride != (1,) or conv.dilation != (1,) or conv.padding != (kernel // 2,)
+                or conv.padding_mode != "zeros" or conv.in_channels != conv.out_channels):
+            raise UnsupportedEncoder(f"{type(embedding).__name__}: strided, dilated, not 'same'-padded or "
+                                     "channel-changing conv")
         self.embedding = embedding  # kept as a submodule: its parameters stay the model's
         self.kernel, self.groups, self.pad = kernel, conv.groups, kernel // 2
-        self.remove = getattr(embedding.padding, "num_pad_remove", 0)
+        self.remove = embedding.padding.num_pad_remove
         self.activation = embedding.activation
-        self._weights: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """In ``dtype``: the kernel per group ``(g, k * C_in/g, C_out/g)``, rows ordered (tap,
-        channel), and the bias. Computed once (a weight-normed conv recomputes its weight on
-        every call)."""
-        if dtype not in self._weights:
-            conv = self.embedding.conv
+        channel), and the bias. Computed once per dtype and device, for a loaded model's inference
+        (a weight-normed conv recomputes its weight on every call)."""
+        conv = self.embedding.conv
+        key = dtype, next(conv.parameters()).device
+        if key not in self._weights:
             out_channels, width, _ = conv.weight.shape
             w = conv.weight.detach().view(self.groups, out_channels // self.groups, width, self.kernel)
             w = w.permute(0, 3, 2, 1).reshape(self.groups, self.kernel * width, -1).to(dtype).contiguous()
             b = conv.bias
-            self._weights[dtype] = w, None if b is None else b.detach().to(dtype)
-        return self._weights[dtype]
+            self._weights[key] = w, None if b is None else b.detach().to(dtype)
+        return self._weights[key]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device, dtype = _compute_dtype(hidden_states)
         rows, frames, channels = hidden_states.shape
-        (kernel, bias), groups = self.weights(dtype), self.groups
+        groups = self.groups
         width = channels // groups
         span = frames + 2 * self.pad  # each row's frames with its zero padding
         outputs = rows * span - self.kernel + 1  # windows over the rows laid end to end
         with torch.autocast(device, enabled=False):
+            kernel, bias = self.weights(dtype)
             x = F.pad(hidden_states.to(dtype), (0, 0, self.pad, self.pad))
             x = x.view(rows * span, groups, width).transpose(0, 1).contiguous()  # (g, rows*span, width)
             out = torch.zeros(groups, rows * span, kernel.shape[2], dtype=dtype, device=x.device)

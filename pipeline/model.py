@@ -279,7 +279,8 @@ class CTCTranscriber:
             conv_encoder = ("batched" if self.device.type == "cuda" else
                             "chunked" if self.autocast is not None else "stock")
         self._encoder = None if conv_encoder == "stock" else self._install_matmul_encoder(spec.name, conv_encoder)
-        # The GPU layout also runs the positional conv as matmuls (see MatmulPositionalConv).
+        # The GPU layout also runs the positional conv as matmuls (see MatmulPositionalConv), even
+        # where the model's feature encoder keeps the stock one: the two are independent.
         self.matmul_positional_conv = conv_encoder == "batched" and self._install_matmul_positional_conv(spec.name)
         self.positional_conv_fp32 = False
         if self.autocast is not None and self.device.type == "cpu" and not self.matmul_positional_conv:
@@ -340,12 +341,17 @@ class CTCTranscriber:
             log.warning("%s: keeping the stock %s (%s)", name, what, exc)
             return None
         probe = probe.to(self.device)
-        try:
-            with torch.inference_mode(), ieee_fp32(True):
-                want, got = stock(probe), fast(probe)
-        except Exception as exc:  # noqa: BLE001 - a layer it computes wrongly may also fail: keep the stock one
-            log.warning("%s: keeping the stock %s (the matmul one failed: %s)", name, what, exc)
-            return None
+        with torch.inference_mode(), ieee_fp32(True):
+            try:
+                want = stock(probe)
+            except Exception as exc:  # noqa: BLE001 - a module whose input is not what the probe gives
+                log.warning("%s: keeping the stock %s (it does not take the probe: %s)", name, what, exc)
+                return None
+            try:
+                got = fast(probe)
+            except Exception as exc:  # noqa: BLE001 - a layer it computes wrongly may also fail: keep the stock one
+                log.warning("%s: keeping the stock %s (the matmul one failed: %s)", name, what, exc)
+                return None
         deviation = _relative_deviation(got, want) if want.shape == got.shape else math.inf
         if deviation > self.PROBE_TOLERANCE:
             log.warning("%s: keeping the stock %s (the matmul one differs by %.3g on a probe)", name, what, deviation)
