@@ -231,6 +231,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
                 "precision": inf.precision,
                 "conv_encoder": inf.conv_encoder,
                 "metadata": metadata(p),
+                "log_level": logging.getLogger("pipeline").getEffectiveLevel(),
             },
             compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
             batch_format="pyarrow",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -109,6 +110,18 @@ class DecodeStage:
         return pa.table(cols, schema=S.DECODED_SCHEMA)
 
 
+def log_to_stderr(level: int) -> None:
+    """Send this package's log records at ``level`` and above to stderr, which Ray forwards to the
+    driver. A Ray worker starts with Python's logging defaults, which print warnings only, so the
+    replica's INFO lines (what it loaded, how, and how long it took) would be lost."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 class TranscribeStage:
     """Decoded rows → output rows. Loads the model once; packs rows by length under a budget."""
 
@@ -122,13 +135,21 @@ class TranscribeStage:
         precision: str = "fp32",
         conv_encoder: str = "auto",
         metadata: dict | None = None,
+        log_level: int | None = None,
     ):
+        if log_level is not None:  # in a Ray worker (see log_to_stderr)
+            log_to_stderr(log_level)
+        started = time.perf_counter()
         # Imported here, not at the top: torch + transformers take seconds to import, and every
         # decode worker unpickles this module without needing them.
         from pipeline.model import CTCTranscriber
 
+        imported = time.perf_counter()
         self.transcriber = CTCTranscriber(spec, device=device, threads=threads, precision=precision,
                                           conv_encoder=conv_encoder)
+        log.info("replica ready in %.1f s (torch and transformers imported in %.1f s, the model loaded and "
+                 "probed in %.1f s)", time.perf_counter() - started, imported - started,
+                 time.perf_counter() - imported)
         self.model_name = spec.name
         self.max_batch_samples = max_batch_samples
         self.max_padding_waste = max_padding_waste

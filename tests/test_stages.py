@@ -1,5 +1,10 @@
 """The transcribe stage on Arrow tables, without Ray: batches started ahead, failures row by row."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
@@ -64,3 +69,16 @@ def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
     planned = [c for c in calls if c[0] == "start" and len(c[1]) > 1]
     assert len(planned) >= 3 and calls[0][0] == calls[1][0] == "start" and calls[2][0] == "finish"
     assert caplog.text.count("retrying them one at a time") == 2  # the two batches holding a bad row
+
+
+def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):
+    """Ray workers start with logging's defaults (warnings only); given the driver's level, the
+    replica says what it loaded and how long that took on stderr, which Ray forwards to the driver.
+    A fresh interpreter, as a Ray worker is."""
+    code = ("import logging; from pipeline.checkpoint import ModelSpec; from pipeline.stages import TranscribeStage; "
+            f"TranscribeStage(ModelSpec({str(group_model)!r}), 100_000, device='cpu', log_level=logging.INFO)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent, check=True)
+    assert re.search(r"INFO pipeline\.model: loaded .* on cpu \(fp32, .*batch-invariant: True", run.stderr)
+    assert re.search(r"INFO pipeline\.stages: replica ready in [\d.]+ s \(torch and transformers imported in "
+                     r"[\d.]+ s, the model loaded and probed in [\d.]+ s\)", run.stderr)
