@@ -9,6 +9,7 @@ import sys
 
 from pipeline.config import DEFAULT_MODEL, ConfigError, load_config
 from pipeline.engine import JobError, run_job
+from pipeline.stages import LOG_FORMAT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     try:
         cfg = load_config(

@@ -13,15 +13,15 @@ Two layouts of the same products, one per device kind:
   its arithmetic, and every new batch shape paid for new cuDNN plans. Here each layer is two or
   three large matrix products over the whole batch, laid end to end.
 
-For GPUs also :class:`MatmulPositionalConv`, the transformer encoder's grouped positional conv as
-products: with the feature encoder as products, cuDNN's grouped conv still took 80% of an H200's
-bf16 forward.
-
 Each layer is matrix products over views of the channels-last input (no im2col copy), and the
 raw-audio layer's group norm is folded into its kernel. Same weights and, but for the raw-audio
 layer's conv (fp32 here, one rounding fewer), the same order of roundings as the stock layers
 under autocast: convs in the compute dtype, norms in fp32, each activation in the dtype the stock
 layer gives it.
+
+For GPUs also :class:`MatmulPositionalConv`, the transformer encoder's grouped positional conv as
+products (its windows are copied, a block at a time): with the feature encoder as products,
+cuDNN's grouped conv still took 80% of an H200's bf16 forward.
 """
 
 from __future__ import annotations

@@ -110,6 +110,10 @@ class DecodeStage:
         return pa.table(cols, schema=S.DECODED_SCHEMA)
 
 
+# The driver's log lines (jobs/transcribe.py) and the replicas' (log_to_stderr) look alike.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def log_to_stderr(level: int) -> None:
     """Send this package's log records at ``level`` and above to stderr, which Ray forwards to the
     driver. A Ray worker starts with Python's logging defaults, which print warnings only, so the
@@ -118,7 +122,7 @@ def log_to_stderr(level: int) -> None:
     logger.setLevel(level)
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(handler)
 
 
