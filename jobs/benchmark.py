@@ -28,7 +28,9 @@ Run as a script, it first re-executes itself with the job's CPU allocator settin
 the job one GPU replica, batches as ``configs/gpu-cluster.yaml`` does (:data:`GPU_BATCHING`), and
 also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
 ``replica-alone-again``: without the GPU's per-new-shape costs, see :data:`PASSES`);
-``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device.
+``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device;
+``--roofline`` counts the forward's arithmetic and times the machine's matmul peak, which bounds
+every path (the ratios the hardware allows, e.g. job/seed with bf16 against fp32).
 The model is the full wav2vec2-base architecture: ``--model DIR`` for a
 local checkpoint (e.g. wav2vec2-base-960h), else its config with random weights (speed does not
 depend on the weights). Audio is noise plus chirps: speed does not depend on the content either.
@@ -235,11 +237,76 @@ def decoding(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], see
     return seconds
 
 
+def forward_flops(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]) -> float:
+    """The stock forward's arithmetic over the plan's padded batches (3's batches), in FLOPs: its
+    matmuls, convolutions and attention, counted by torch's ``FlopCounterMode`` on the meta device
+    (shapes only, nothing computed). Eager attention: its products are counted whatever the device,
+    where the counter has no formula for some fused kernels (the CPU's flash attention)."""
+    from torch.nn.utils import parametrize
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCTC
+
+    model = AutoModelForCTC.from_pretrained(model_dir, attn_implementation="eager").eval()
+    for module in model.modules():
+        if parametrize.is_parametrized(module):  # the positional conv's weight norm cannot run on meta
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name)
+    model.to("meta")
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        for rows in plan:
+            model(torch.zeros(len(rows), len(waves[rows[0]]), device="meta"))
+    return counter.get_total_flops()
+
+
+def matmul_peak(precision: str, device: str, seconds: float = 3.0) -> float:
+    """FLOP/s of (4096 x 768)(768 x 3072) products, wav2vec2-base's feed-forward shape, in
+    ``precision``'s dtype (fp32 for ``fp32``): the best case for the model's arithmetic here."""
+    dtype = PRECISIONS[precision] or torch.float32
+    a = torch.randn(4096, 768, dtype=dtype, device=device)
+    b = torch.randn(768, 3072, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    products = 0
+    torch.mm(a, b)  # warm-up
+    sync()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            torch.mm(a, b)
+        sync()
+        products += 10
+    return 2 * 4096 * 768 * 3072 * products / (time.perf_counter() - start)
+
+
 def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
     cfg = load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
         "input.path": str(manifest_dir), "output.path": str(out), "model.name": model_dir,
         "inference.precision": precision})
     return run_job(cfg)
+
+
+def roofline(flop_per_audio_s: float, speed: dict[str, float], precision: str, device: str) -> dict:
+    """Each path's useful arithmetic rate (3's FLOPs per audio second at the path's speed; the seed
+    path's batches of 2 pad more, so it computes more than that) against this machine's matmul peak
+    at the path's precision (fp32 for the peers, the job's for 3, 3b and 4); prints and returns them."""
+    peaks = {p: matmul_peak(p, device) for p in dict.fromkeys(["fp32", precision])}
+    ceiling = {p: peak / flop_per_audio_s for p, peak in peaks.items()}
+    share = {name: value * flop_per_audio_s / peaks["fp32" if name in ("seed", "hf-pipeline") else precision]
+             for name, value in speed.items()}
+    print(f"arithmetic: {flop_per_audio_s / 1e9:.2f} GFLOP per audio second (the stock forward on 3's "
+          "batches: matmuls, convolutions, attention)")
+    print("matmul peak (4096x768 by 768x3072): " + ", ".join(
+        f"{p} {peak / 1e9:,.0f} GFLOP/s ({ceiling[p]:,.1f} audio s/s if every FLOP ran at it)"
+        for p, peak in peaks.items()))
+    print("share of that peak (3's arithmetic at each path's speed, against the peak at its precision): " + ", ".join(
+        f"{name} {value:.2f}" for name, value in share.items()))
+    result = {"gflop_per_audio_s": round(flop_per_audio_s / 1e9, 3),
+              "matmul_peak_gflop_s": {p: round(peak / 1e9, 1) for p, peak in peaks.items()},
+              "ceiling_audio_s_per_s": {p: round(c, 2) for p, c in ceiling.items()},
+              "share_of_peak": {name: round(value, 3) for name, value in share.items()}}
+    if "seed" in speed:
+        result["job/seed_at_peak"] = round(ceiling[precision] / speed["seed"], 2)
+        print(f"job/seed if the job ran every FLOP at the {precision} matmul peak: {result['job/seed_at_peak']:.2f}x")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -274,6 +341,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--job-marginal", action="store_true",
                     help="also run the job on the first half of the files: the job's speed without its "
                          "start-up (job-marginal) and the start-up's estimate")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also count the forward's arithmetic (GFLOP per audio second) and time this "
+                         "machine's matmul peak in fp32 and the job's precision: each path's share of "
+                         "that peak, and the speed no path can pass")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
                          "ones (needed for the seed path on long corpora: under the replicas' settings its "
@@ -302,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds: dict[str, list[float]] = {}
         decode_s: dict[str, list[float]] = {}
         summaries = []
+        flops = None
         for _ in range(args.repeats):
             if "seed" not in args.skip:
                 seconds.setdefault("seed", []).append(timed(lambda: seed_path(model_dir, paths, args.device)))
@@ -323,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
             for encoder in args.encoders:
                 record(seconds, f"replica-{encoder}", replica_alone(
                     model_dir, waves, plan, args.precision, args.device, args.threads, passes, conv_encoder=encoder))
+            if args.roofline and flops is None:
+                flops = forward_flops(model_dir, waves, plan)
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
@@ -377,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)
         print(f"job start-up, estimated (job's wall time less the corpus at job-marginal's speed): {startup:.1f} s")
+    if args.roofline:
+        result["roofline"] = roofline(flops / audio_s, speed, args.precision, args.device)
     if decode_s:
         dec = result["decoding_audio_s_per_s"]
         print(f"greedy decoding alone: batch_decode {dec['batch_decode']:,.0f}, GreedyCTCDecoder "
