@@ -32,7 +32,8 @@ def _decoded_table(waves: list[np.ndarray]) -> pa.Table:
 def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
     """The stage starts each batch before it finishes the one ahead (on a GPU the host decodes
     while the GPU runs); a batch whose start or finish raises is retried row by row, so only the
-    row that fails alone becomes an ``inference_error`` row, and every other row is the reference's."""
+    row that fails alone becomes an ``inference_error`` row, and every other row is the reference's.
+    The table comes in sliced chunks, as Ray Data hands a replica one per decode task's block."""
     rng = np.random.default_rng(0)
     waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
     stage = TranscribeStage(ModelSpec(str(group_model)), max_batch_samples=100_000, device="cpu")
@@ -52,7 +53,10 @@ def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
         return finish(started)
 
     transcriber.start, transcriber.finish = failing_start, failing_finish
-    out = stage(_decoded_table(waves)).to_pylist()
+    table = _decoded_table(waves)
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 4), table.slice(6)])
+    assert chunked[S.AUDIO].num_chunks == 3
+    out = stage(chunked).to_pylist()
 
     ref = Reference(group_model)
     assert [r[S.ID] for r in out] == [f"u{i}" for i in range(len(LENGTHS))]
