@@ -15,7 +15,8 @@ audio-seconds per second for:
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
    ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding,
    ``--encoders`` with other conv feature encoders; ``--decode-cost`` times its greedy decoding
-   alone against the tokenizer's ``batch_decode``);
+   alone against the tokenizer's ``batch_decode``; ``--stage-alone`` times the replica's
+   ``TranscribeStage`` in the job's calls, each planned alone, without Ray);
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet);
    ``--job-marginal`` also runs it on the first half of the files: the second half's audio over the
    time it adds (``job-marginal``) is the job's speed without its fixed start-up, which a short
@@ -52,17 +53,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import soundfile as sf
 import torch
 
 from pipeline import bundled
 from pipeline.audio import normalize
 from pipeline.batching import plan_batches
-from pipeline.config import load_config
+from pipeline import schema as S
+from pipeline.config import JobConfig, load_config
 from pipeline.engine import run_job
-from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec
+from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec, load_front_end
 from pipeline.conv_encoder import conv_output_frames
+from pipeline.manifest import read_manifest
 from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, GreedyCTCDecoder, guard_positional_conv
+from pipeline.stages import DecodeStage, TranscribeStage
 from pipeline.synth import chirp
 
 RATE = 16_000
@@ -200,6 +206,35 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
     return seconds
 
 
+def stage_alone(cfg: JobConfig, device: str, threads: int, passes: int) -> list[float]:
+    """Seconds the job's transcribe stage (``TranscribeStage``, the replica's code) takes without Ray,
+    per pass (see :data:`PASSES`), on ``cfg``'s corpus (``input.path``) as the job hands it to a
+    replica: rows in manifest order, decoded beforehand by ``DecodeStage`` in blocks of
+    ``decode.rows_per_task`` rows, ``inference.rows_per_call`` rows a call. Against 3b (one plan over
+    the whole corpus), what the job's calls cost: each plans its own rows (fewer rows to pack, so
+    more and smaller batches), and on a GPU each ends with the batches started ahead drained.
+    Raises if a row comes back without a transcript."""
+    spec, inf = ModelSpec(cfg.model.name), cfg.inference
+    front_end = load_front_end(spec)
+    decode = DecodeStage(front_end.sampling_rate, front_end.do_normalize, cfg.audio.max_duration_s)
+    manifest, rows = read_manifest(cfg.input), cfg.decode.rows_per_task
+    decoded = pa.concat_tables([decode(manifest.slice(i, rows)) for i in range(0, manifest.num_rows, rows)])
+    calls = [decoded.slice(i, inf.rows_per_call) for i in range(0, decoded.num_rows, inf.rows_per_call)]
+    stage = TranscribeStage(spec, inf.max_batch_samples, inf.max_padding_waste, device=device, threads=threads,
+                            precision=inf.precision, conv_encoder=inf.conv_encoder)
+    stage(decoded.slice(0, 1))  # warm-up on one row
+    seconds = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        out = pa.concat_tables([stage(table) for table in calls])
+        seconds.append(time.perf_counter() - start)
+        failed = out.filter(pc.is_null(out[S.TRANSCRIPT]))
+        if failed.num_rows:
+            raise RuntimeError(f"stage-alone: {failed.num_rows} rows without a transcript, the first "
+                               f"{failed[S.ERROR][0]}")
+    return seconds
+
+
 def decoding(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], seed: int = 0) -> dict[str, float]:
     """Seconds greedy decoding takes over the plan's batches: the tokenizer's ``batch_decode``
     (how the seed path and the transformers pipeline decode) and the job's ``GreedyCTCDecoder``, on
@@ -329,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "them; cuda: one GPU replica with configs/gpu-cluster.yaml's batching, the CPUs "
                          "for decode tasks)")
     ap.add_argument("--json", type=Path, default=Path("out/benchmark.json"))
+    ap.add_argument("--stage-alone", action="store_true",
+                    help="also time the job's transcribe stage without Ray (stage-alone): 3b in the job's "
+                         "calls of inference.rows_per_call rows, in manifest order, each planned alone")
     ap.add_argument("--exact-cost", action="store_true",
                     help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
     ap.add_argument("--decode-cost", action="store_true",
@@ -386,6 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
             record(seconds, "bare-forward", bare_s)
             record(seconds, "replica-alone",
                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
+            if args.stage_alone:
+                record(seconds, "stage-alone", stage_alone(load_config(overrides=args.overrides, **{
+                    "input.path": str(tmp / "corpus"), "model.name": model_dir,
+                    "inference.precision": args.precision}), args.device, args.threads, passes))
             if args.exact_cost:
                 record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
                                                                args.threads, passes, exact=False))
@@ -418,8 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     jobs = [name for name in ("job", "job-marginal") if name in speed]
     ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed if name not in jobs}
-    for name in speed:  # plain padding or another encoder against the job's model code
-        if name.startswith("replica-") and name not in ("replica-alone", "replica-alone-again"):
+    for name in speed:  # the job's calls, plain padding or another encoder against the job's model code
+        if name.startswith(("replica-", "stage-alone")) and name not in ("replica-alone", "replica-alone-again"):
             base = "replica-alone-again" if name.endswith("-again") else "replica-alone"
             ratios[f"{name}/{base}"] = speed[name] / speed[base]
     result = {

@@ -1,11 +1,14 @@
-"""The benchmark's roofline counts the forward's arithmetic on the meta device: it must be the real forward's."""
+"""The benchmark's own measures: the roofline's count of the forward's arithmetic on the meta device
+must be the real forward's; stage-alone must run the job's calls on every row."""
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCTC
 
-from jobs.benchmark import forward_flops
+from jobs.benchmark import forward_flops, make_corpus, stage_alone
+from pipeline.config import load_config
 
 
 def test_flops_counted_on_the_meta_device_are_the_real_forwards(group_model):
@@ -21,3 +24,16 @@ def test_flops_counted_on_the_meta_device_are_the_real_forwards(group_model):
     real = counter.get_total_flops()
     assert {str(op) for op in counter.get_flop_counts()["Global"]} == {"aten.convolution", "aten.addmm", "aten.bmm"}
     assert forward_flops(str(group_model), waves, plan) == real
+
+
+def test_stage_alone_runs_the_jobs_calls_and_fails_on_a_row_without_a_transcript(group_model, tmp_path):
+    corpus = tmp_path / "corpus"
+    paths = make_corpus(corpus, minutes=0.5)
+    overrides = ["decode.rows_per_task=2", "inference.rows_per_call=3"]  # calls that span decode blocks
+    cfg = load_config(overrides=overrides, **{"input.path": str(corpus), "model.name": str(group_model)})
+    seconds = stage_alone(cfg, "cpu", threads=1, passes=2)
+    assert len(paths) > 3 and len(seconds) == 2 and all(s > 0 for s in seconds)
+
+    (corpus / "utt9999.flac").write_bytes(b"not audio")
+    with pytest.raises(RuntimeError, match=r"stage-alone: 1 rows without a transcript, the first decode_error: .*utt9999"):
+        stage_alone(cfg, "cpu", threads=1, passes=1)
