@@ -208,12 +208,13 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
 
 def stage_alone(cfg: JobConfig, device: str, threads: int, passes: int) -> list[float]:
     """Seconds the job's transcribe stage (``TranscribeStage``, the replica's code) takes without Ray,
-    per pass (see :data:`PASSES`), on ``cfg``'s corpus (``input.path``) as the job hands it to a
-    replica: rows in manifest order, decoded beforehand by ``DecodeStage`` in blocks of
-    ``decode.rows_per_task`` rows, ``inference.rows_per_call`` rows a call. Against 3b (one plan over
-    the whole corpus), what the job's calls cost: each plans its own rows (fewer rows to pack, so
-    more and smaller batches), and on a GPU each ends with the batches started ahead drained.
-    Raises if a row comes back without a transcript."""
+    per pass (see :data:`PASSES`), on ``cfg``'s corpus (``input.path``) in calls like the job's:
+    decoded beforehand (by ``DecodeStage``, in this process) in blocks of ``decode.rows_per_task``
+    rows, ``inference.rows_per_call`` rows a call, in manifest order (a replica gets blocks as the
+    decode tasks finish them, about that order). Against 3b (one plan over the whole corpus), what
+    the job's calls cost: each plans its own rows (fewer rows to pack, so more and smaller batches),
+    and on a GPU each ends with the batches started ahead drained; there it runs after 3b, so shapes
+    3b ran are warm. Raises if a row is missing or comes back without a transcript."""
     spec, inf = ModelSpec(cfg.model.name), cfg.inference
     front_end = load_front_end(spec)
     decode = DecodeStage(front_end.sampling_rate, front_end.do_normalize, cfg.audio.max_duration_s)
@@ -228,6 +229,8 @@ def stage_alone(cfg: JobConfig, device: str, threads: int, passes: int) -> list[
         start = time.perf_counter()
         out = pa.concat_tables([stage(table) for table in calls])
         seconds.append(time.perf_counter() - start)
+        if out[S.ID].to_pylist() != decoded[S.ID].to_pylist():
+            raise RuntimeError(f"stage-alone: {out.num_rows} rows came back for {decoded.num_rows}")
         failed = out.filter(pc.is_null(out[S.TRANSCRIPT]))
         if failed.num_rows:
             raise RuntimeError(f"stage-alone: {failed.num_rows} rows without a transcript, the first "

@@ -12,7 +12,7 @@ from helpers import Reference
 from pipeline import schema as S
 from pipeline.audio import normalize
 from pipeline.checkpoint import ModelSpec
-from pipeline.stages import TranscribeStage, _audio_column
+from pipeline.stages import TranscribeStage, _audio_column, _waves
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
 BAD_START, BAD_FINISH = 30_000, 8_500  # rows whose (two-row) batch fails when started / when finished
@@ -56,6 +56,9 @@ def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
     table = _decoded_table(waves)
     chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 4), table.slice(6)])
     assert chunked[S.AUDIO].num_chunks == 3
+    views = _waves(chunked[S.AUDIO])  # the stage reads each row in place, in its chunk's buffer
+    buffers = [chunk.values.to_numpy() for chunk in chunked[S.AUDIO].chunks for _ in range(len(chunk))]
+    assert all(np.array_equal(v, w) and np.shares_memory(v, b) for v, w, b in zip(views, waves, buffers, strict=True))
     out = stage(chunked).to_pylist()
 
     ref = Reference(group_model)
