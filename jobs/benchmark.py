@@ -59,9 +59,9 @@ import soundfile as sf
 import torch
 
 from pipeline import bundled
+from pipeline import schema as S
 from pipeline.audio import normalize
 from pipeline.batching import plan_batches
-from pipeline import schema as S
 from pipeline.config import JobConfig, load_config
 from pipeline.engine import run_job
 from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec, load_front_end
