@@ -63,12 +63,12 @@ from pipeline import schema as S
 from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import JobConfig, load_config
-from pipeline.engine import run_job
-from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec, load_front_end
+from pipeline.engine import Plan, decode_stage, run_job, transcribe_stage_kwargs
+from pipeline.engine import plan as plan_job  # "plan" here is a batch plan
+from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec
 from pipeline.conv_encoder import conv_output_frames
-from pipeline.manifest import read_manifest
 from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, GreedyCTCDecoder, guard_positional_conv
-from pipeline.stages import DecodeStage, TranscribeStage
+from pipeline.stages import TranscribeStage
 from pipeline.synth import chirp
 
 RATE = 16_000
@@ -206,23 +206,21 @@ def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]]
     return seconds
 
 
-def stage_alone(cfg: JobConfig, device: str, threads: int, passes: int) -> list[float]:
+def stage_alone(p: Plan, threads: int, passes: int) -> list[float]:
     """Seconds the job's transcribe stage (``TranscribeStage``, the replica's code) takes without Ray,
-    per pass (see :data:`PASSES`), on ``cfg``'s corpus (``input.path``) in calls like the job's:
-    decoded beforehand (by ``DecodeStage``, in this process) in blocks of ``decode.rows_per_task``
-    rows, ``inference.rows_per_call`` rows a call, in manifest order (a replica gets blocks as the
-    decode tasks finish them, about that order). Against 3b (one plan over the whole corpus), what
-    the job's calls cost: each plans its own rows (fewer rows to pack, so more and smaller batches),
-    and on a GPU each ends with the batches started ahead drained; there it runs after 3b, so shapes
-    3b ran are warm. Raises if a row is missing or comes back without a transcript."""
-    spec, inf = ModelSpec(cfg.model.name), cfg.inference
-    front_end = load_front_end(spec)
-    decode = DecodeStage(front_end.sampling_rate, front_end.do_normalize, cfg.audio.max_duration_s)
-    manifest, rows = read_manifest(cfg.input), cfg.decode.rows_per_task
-    decoded = pa.concat_tables([decode(manifest.slice(i, rows)) for i in range(0, manifest.num_rows, rows)])
-    calls = [decoded.slice(i, inf.rows_per_call) for i in range(0, decoded.num_rows, inf.rows_per_call)]
-    stage = TranscribeStage(spec, inf.max_batch_samples, inf.max_padding_waste, device=device, threads=threads,
-                            precision=inf.precision, conv_encoder=inf.conv_encoder)
+    per pass (see :data:`PASSES`), on the job ``p``'s rows in calls like the job's: decoded
+    beforehand by the job's decode stage in blocks of ``decode.rows_per_task`` rows,
+    ``inference.rows_per_call`` rows a call, in manifest order (a replica gets blocks as the decode
+    tasks finish them, about that order), and ``threads`` torch threads, as 3b. Against 3b (one plan
+    over the whole corpus), what the job's calls cost: each plans its own rows (fewer rows to pack, so
+    more and smaller batches), and on a GPU each ends with the batches started ahead drained; there
+    it runs after 3b, so shapes 3b ran are warm. Raises if a row is missing or comes back without a
+    transcript."""
+    decode, rows, per_call = decode_stage(p), p.cfg.decode.rows_per_task, p.cfg.inference.rows_per_call
+    decoded = pa.concat_tables([decode(p.manifest.slice(i, rows)) for i in range(0, p.manifest.num_rows, rows)])
+    calls = [decoded.slice(i, per_call) for i in range(0, decoded.num_rows, per_call)]
+    # log_level None: this process's logging is set up already (a replica's is not, see log_to_stderr).
+    stage = TranscribeStage(**{**transcribe_stage_kwargs(p), "threads": threads, "log_level": None})
     stage(decoded.slice(0, 1))  # warm-up on one row
     seconds = []
     for _ in range(passes):
@@ -315,11 +313,11 @@ def matmul_peak(precision: str, device: str, seconds: float = 3.0) -> float:
     return 2 * 4096 * 768 * 3072 * products / (time.perf_counter() - start)
 
 
-def job(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> dict:
-    cfg = load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
+def job_config(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> JobConfig:
+    """The job's config for 4 (and stage-alone): the corpus in, ``out`` overwritten, no progress bars."""
+    return load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
         "input.path": str(manifest_dir), "output.path": str(out), "model.name": model_dir,
         "inference.precision": precision})
-    return run_job(cfg)
 
 
 def roofline(flop_per_audio_s: float, speed: dict[str, float], precision: str, device: str) -> dict:
@@ -428,9 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
             record(seconds, "replica-alone",
                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
-                record(seconds, "stage-alone", stage_alone(load_config(overrides=args.overrides, **{
-                    "input.path": str(tmp / "corpus"), "model.name": model_dir,
-                    "inference.precision": args.precision}), args.device, args.threads, passes))
+                record(seconds, "stage-alone", stage_alone(plan_job(job_config(
+                    model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)), args.threads, passes))
             if args.exact_cost:
                 record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
                                                                args.threads, passes, exact=False))
@@ -444,12 +441,12 @@ def main(argv: list[str] | None = None) -> dict:
                 flops = forward_flops(model_dir, waves, plan)
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
-            summary = job(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
+            summary = run_job(job_config(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides))
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
             if args.job_marginal:
-                added = summary["wall_s"] - job(model_dir, tmp / "half", tmp / "out", args.precision,
-                                                args.overrides)["wall_s"]
+                half_summary = run_job(job_config(model_dir, tmp / "half", tmp / "out", args.precision, args.overrides))
+                added = summary["wall_s"] - half_summary["wall_s"]
                 # As seconds for the whole corpus at the second half's speed, like the other paths.
                 seconds.setdefault("job-marginal", []).append(added * audio_s / added_s)
         sweep = {}

@@ -191,6 +191,32 @@ def _check_resources(cfg: JobConfig) -> None:
                 raise JobError(message)
 
 
+def decode_stage(p: Plan) -> DecodeStage:
+    """The job's decode stage: the model's rate and normalisation, the config's limits and isolation."""
+    cfg = p.cfg
+    return DecodeStage(
+        p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
+        max_file_bytes=cfg.audio.max_file_bytes, allowed_roots=tuple(cfg.input.allowed_roots),
+        isolate=cfg.decode.isolate, timeout_s=cfg.decode.timeout_s, max_attempts=cfg.decode.max_attempts,
+    )
+
+
+def transcribe_stage_kwargs(p: Plan) -> dict[str, Any]:
+    """The job's ``TranscribeStage`` arguments, for each replica to construct it with."""
+    inf = p.cfg.inference
+    return {
+        "spec": p.spec,
+        "max_batch_samples": inf.max_batch_samples,
+        "max_padding_waste": inf.max_padding_waste,
+        "device": inf.device,
+        "threads": p.cfg.threads_per_replica,
+        "precision": inf.precision,
+        "conv_encoder": inf.conv_encoder,
+        "metadata": metadata(p),
+        "log_level": logging.getLogger("pipeline").getEffectiveLevel(),
+    }
+
+
 def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -> ray.data.Dataset:
     """Manifest rows → decode tasks → inference actor pool → shard writers, as one lazy Dataset
     whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
@@ -207,12 +233,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         # below it), but names no parameter for what the job passes through it: the retries below.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         ds = ds.map_batches(
-            DecodeStage(
-                p.front_end.sampling_rate, p.front_end.do_normalize, cfg.audio.max_duration_s,
-                max_file_bytes=cfg.audio.max_file_bytes, allowed_roots=tuple(cfg.input.allowed_roots),
-                isolate=cfg.decode.isolate, timeout_s=cfg.decode.timeout_s,
-                max_attempts=cfg.decode.max_attempts,
-            ),
+            decode_stage(p),
             batch_format="pyarrow",
             batch_size=rows,
             num_cpus=cfg.decode.cpus_per_task,
@@ -222,17 +243,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         inf = cfg.inference
         ds = ds.map_batches(
             TranscribeStage,
-            fn_constructor_kwargs={
-                "spec": p.spec,
-                "max_batch_samples": inf.max_batch_samples,
-                "max_padding_waste": inf.max_padding_waste,
-                "device": inf.device,
-                "threads": cfg.threads_per_replica,
-                "precision": inf.precision,
-                "conv_encoder": inf.conv_encoder,
-                "metadata": metadata(p),
-                "log_level": logging.getLogger("pipeline").getEffectiveLevel(),
-            },
+            fn_constructor_kwargs=transcribe_stage_kwargs(p),
             compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
             batch_format="pyarrow",
             batch_size=inf.rows_per_call,

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCTC
 
-from jobs.benchmark import forward_flops, make_corpus, stage_alone
-from pipeline.config import load_config
+from jobs.benchmark import forward_flops, job_config, make_corpus, stage_alone
+from pipeline.engine import plan
 
 
 def test_flops_counted_on_the_meta_device_are_the_real_forwards(group_model):
@@ -30,10 +30,10 @@ def test_stage_alone_runs_the_jobs_calls_and_fails_on_a_row_without_a_transcript
     corpus = tmp_path / "corpus"
     paths = make_corpus(corpus, minutes=0.5)
     overrides = ["decode.rows_per_task=2", "inference.rows_per_call=3"]  # calls that span decode blocks
-    cfg = load_config(overrides=overrides, **{"input.path": str(corpus), "model.name": str(group_model)})
-    seconds = stage_alone(cfg, "cpu", threads=1, passes=2)
+    cfg = job_config(str(group_model), corpus, tmp_path / "out", "fp32", overrides)
+    seconds = stage_alone(plan(cfg), threads=1, passes=2)
     assert len(paths) > 3 and len(seconds) == 2 and all(s > 0 for s in seconds)
 
     (corpus / "utt9999.flac").write_bytes(b"not audio")
     with pytest.raises(RuntimeError, match=r"stage-alone: 1 rows without a transcript, the first decode_error: .*utt9999"):
-        stage_alone(cfg, "cpu", threads=1, passes=1)
+        stage_alone(plan(cfg), threads=1, passes=1)
