@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
                 os.link(path, tmp / "half" / path.name)
             added_s = audio_s - sum(sf.info(p).duration for p in half)
         model_dir = base_model_folder(tmp / "model", args.model)
-        inference = load_config(overrides=args.overrides).inference
+        job_cfg = job_config(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
+        inference = job_cfg.inference
         seconds: dict[str, list[float]] = {}
         decode_s: dict[str, list[float]] = {}
         summaries = []
@@ -426,8 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             record(seconds, "replica-alone",
                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
-                record(seconds, "stage-alone", stage_alone(plan_job(job_config(
-                    model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)), args.threads, passes))
+                record(seconds, "stage-alone", stage_alone(plan_job(job_cfg), args.threads, passes))
             if args.exact_cost:
                 record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
                                                                args.threads, passes, exact=False))
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flops = forward_flops(model_dir, waves, plan)
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
-            summary = run_job(job_config(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides))
+            summary = run_job(job_cfg)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
             if args.job_marginal:
