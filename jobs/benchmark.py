@@ -13,8 +13,8 @@ audio-seconds per second for:
    length-sorted, pre-padded tensors at the job's precision and batch budget;
 3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
-   ceiling for the job on this machine (``--exact-cost`` also times it with plain zero padding,
-   ``--encoders`` with other conv feature encoders; ``--decode-cost`` times its greedy decoding
+   ceiling for the job on this machine (``--encoders`` also times it with other conv feature encoders;
+   ``--decode-cost`` times its greedy decoding
    alone against the tokenizer's ``batch_decode``; ``--stage-alone`` times the replica's
    ``TranscribeStage`` in the job's calls, each planned alone, without Ray);
 4. job: ``pipeline.engine.run_job`` end to end (Ray start, decode, inference, Parquet);
@@ -24,9 +24,9 @@ audio-seconds per second for:
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
-(``pipeline.checkpoint.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
+(``pipeline.memory.CPU_REPLICA_ENV``), so every path allocates as the job's CPU replicas do;
 ``--glibc-malloc`` keeps glibc's defaults for 1-3b. ``--device cuda`` runs 1-3 on the GPU, gives
-the job one GPU replica, batches as ``configs/gpu-cluster.yaml`` does (:data:`GPU_BATCHING`), and
+the job one GPU replica with ``configs/gpu-cluster.yaml``'s settings (:data:`GPU_CONFIG`), and
 also times 3 and 3b a second time over the same batch shapes (``bare-forward-again``,
 ``replica-alone-again``: without the GPU's per-new-shape costs, see :data:`PASSES`);
 ``--budgets`` also times 3b at several ``inference.max_batch_samples``, to pick one per device;
@@ -63,24 +63,28 @@ from pipeline import schema as S
 from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import JobConfig, load_config
-from pipeline.engine import Plan, decode_stage, run_job, transcribe_stage_kwargs
+from pipeline.engine import Plan, run_job
 from pipeline.engine import plan as plan_job  # "plan" here is a batch plan
-from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec
-from pipeline.conv_encoder import conv_output_frames
-from pipeline.model import CONV_ENCODERS, PRECISIONS, CTCTranscriber, GreedyCTCDecoder, guard_positional_conv
-from pipeline.stages import TranscribeStage
-from pipeline.synth import chirp
+from pipeline.memory import CPU_REPLICA_ENV
+from pipeline.model.conv_encoder import conv_output_frames
+from pipeline.model.ctc import GreedyCTCDecoder
+from pipeline.model.invariance import CONV_ENCODERS
+from pipeline.model.loading import PRECISIONS, guard_positional_conv
+from pipeline.model.reference import Reference
+from pipeline.model.spec import ModelSpec, TranscriberLoader
+from pipeline.model.transcriber import CTCTranscriber
+from pipeline.transcribe import TranscribeStage
+from tools.synth import chirp
 
 RATE = 16_000
 # Passes of 3 and 3b over the plan. On a GPU the first batch of each new shape pays for per-shape
-# set-up (in cuDNN's convs and attention: ~45-100 ms a batch on an H200, more than its arithmetic,
-# before the replica stopped using them; the stock forward still does), and every batch of a plan
-# has a shape of its own, as in the job: the first pass is what the job sees, the second ("-again")
-# the ceiling without that set-up.
+# set-up (the stock forward's cuDNN convs and attention), and every batch of a plan has a shape of
+# its own, as in the job: the first pass is what the job sees, the second ("-again") the ceiling
+# without that set-up.
 PASSES = {"cpu": 1, "cuda": 2}
-# configs/gpu-cluster.yaml's batching (tests/test_config.py keeps them equal): more rows per call
-# and larger batches mean fewer batches, so fewer new shapes (see PASSES).
-GPU_BATCHING = ["inference.rows_per_call=512", "inference.max_batch_samples=12800000"]
+# The job's settings with --device cuda: the GPU config's (its batching means fewer batches, so
+# fewer new shapes, see PASSES), one replica on one GPU.
+GPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml"
 
 
 def make_corpus(folder: Path, minutes: float, seed: int = 0) -> list[Path]:
@@ -119,16 +123,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def seed_path(model_dir: str, paths: list[Path], device: str) -> None:
-    from transformers import AutoModelForCTC, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForCTC.from_pretrained(model_dir).to(device).eval()
+    """The reference path in the seed's batches of 2, in manifest order, each pair read as it comes."""
+    reference = Reference.from_pretrained(model_dir, device)
     for i in range(0, len(paths), 2):
-        audio = [sf.read(p, dtype="float32")[0] for p in paths[i : i + 2]]
-        inputs = processor(audio, sampling_rate=RATE, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(inputs.input_values.to(device)).logits
-        processor.batch_decode(torch.argmax(logits, dim=-1))
+        reference.transcribe([sf.read(p, dtype="float32")[0] for p in paths[i : i + 2]], batch_size=2)
 
 
 def hf_pipeline(model_dir: str, paths: list[Path], device: str) -> None:
@@ -142,7 +140,7 @@ def hf_pipeline(model_dir: str, paths: list[Path], device: str) -> None:
 
 def record(seconds: dict[str, list[float]], name: str, passes: list[float]) -> None:
     """Add one run's passes: the first under ``name``, a second under ``name-again``."""
-    for key, value in zip((name, f"{name}-again"), passes):
+    for key, value in zip((name, f"{name}-again"), passes, strict=False):
         seconds.setdefault(key, []).append(value)
 
 
@@ -185,14 +183,12 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
 
 
 def replica_alone(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                  device: str, threads: int, passes: int, exact: bool = True,
-                  conv_encoder: str = "auto") -> list[float]:
+                  device: str, threads: int, passes: int, conv_encoder: str = "auto") -> list[float]:
     """Seconds the job's model code takes without Ray on the same batches, per pass (see
-    :data:`PASSES`): ``CTCTranscriber.transcribe_batches`` (exact batching unless ``exact=False``; the
-    conv encoder ``conv_encoder``, see ``pipeline.model.CONV_ENCODERS``) padding, running and
-    decoding each."""
+    :data:`PASSES`): ``CTCTranscriber.transcribe_batches`` (the conv encoder ``conv_encoder``, see
+    ``pipeline.model.invariance.CONV_ENCODERS``) padding, running and decoding each."""
     transcriber = CTCTranscriber(ModelSpec(model_dir), device=device, threads=threads, precision=precision,
-                                 exact=exact, conv_encoder=conv_encoder)
+                                 conv_encoder=conv_encoder)
     transcriber.transcribe([waves[i] for i in plan[-1]])  # warm-up on the shortest batch
     seconds = []
     for _ in range(passes):
@@ -216,11 +212,12 @@ def stage_alone(p: Plan, threads: int, passes: int) -> list[float]:
     more and smaller batches), and on a GPU each ends with the batches started ahead drained; there
     it runs after 3b, so shapes 3b ran are warm. Raises if a row is missing or comes back without a
     transcript."""
-    decode, rows, per_call = decode_stage(p), p.cfg.decode.rows_per_task, p.cfg.inference.rows_per_call
+    decode, rows, per_call = p.decode_stage(), p.cfg.decode.rows_per_task, p.cfg.inference.rows_per_call
     decoded = pa.concat_tables([decode(p.manifest.slice(i, rows)) for i in range(0, p.manifest.num_rows, rows)])
     calls = [decoded.slice(i, per_call) for i in range(0, decoded.num_rows, per_call)]
     # log_level None: this process's logging is set up already (a replica's is not, see log_to_stderr).
-    stage = TranscribeStage(**{**transcribe_stage_kwargs(p), "threads": threads, "log_level": None})
+    stage = TranscribeStage(**{**p.transcribe_stage_kwargs(), "log_level": None,
+                               "load": TranscriberLoader(p.spec, p.cfg.inference, threads)})
     stage(decoded.slice(0, 1))  # warm-up on one row
     seconds = []
     for _ in range(passes):
@@ -313,9 +310,12 @@ def matmul_peak(precision: str, device: str, seconds: float = 3.0) -> float:
     return 2 * 4096 * 768 * 3072 * products / (time.perf_counter() - start)
 
 
-def job_config(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str]) -> JobConfig:
-    """The job's config for 4 (and stage-alone): the corpus in, ``out`` overwritten, no progress bars."""
-    return load_config(overrides=["ray.progress_bars=false", "output.overwrite=true", *overrides], **{
+def job_config(model_dir: str, manifest_dir: Path, out: Path, precision: str, overrides: list[str],
+               device: str = "cpu") -> JobConfig:
+    """The job's config for 4 (and stage-alone): the corpus in, ``out`` overwritten, no progress bars;
+    with ``device`` cuda, :data:`GPU_CONFIG` with one GPU replica."""
+    return load_config(GPU_CONFIG if device == "cuda" else None, overrides=[
+        "ray.progress_bars=false", "output.overwrite=true", "input.allowed_roots=[]", *overrides], **{
         "input.path": str(manifest_dir), "output.path": str(out), "model.name": model_dir,
         "inference.precision": precision})
 
@@ -368,8 +368,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage-alone", action="store_true",
                     help="also time the job's transcribe stage without Ray (stage-alone): 3b in the job's "
                          "calls of inference.rows_per_call rows, in manifest order, each planned alone")
-    ap.add_argument("--exact-cost", action="store_true",
-                    help="also time 3b with plain zero padding (replica-plain): what exact batching costs")
     ap.add_argument("--decode-cost", action="store_true",
                     help="also time greedy decoding alone: the tokenizer's batch_decode against the job's "
                          "GreedyCTCDecoder, on CTC-like ids for the plan's batches")
@@ -390,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "heap grew to 24 GB on 30 minutes); the job's replicas keep theirs")
     args = ap.parse_args(argv)
     defaults = [f"ray.num_cpus={args.threads}"] + (
-        ["inference.gpus_per_replica=1", "inference.device=cuda", "inference.cpus_per_replica=1", *GPU_BATCHING]
+        ["inference.max_replicas=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
         if args.device == "cuda" else [f"inference.torch_threads={args.threads}"])
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
@@ -408,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
                 os.link(path, tmp / "half" / path.name)
             added_s = audio_s - sum(sf.info(p).duration for p in half)
         model_dir = base_model_folder(tmp / "model", args.model)
-        job_cfg = job_config(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides)
+        job_cfg = job_config(model_dir, tmp / "corpus", tmp / "out", args.precision, args.overrides, args.device)
         inference = job_cfg.inference
         seconds: dict[str, list[float]] = {}
         decode_s: dict[str, list[float]] = {}
@@ -428,9 +426,6 @@ def main(argv: list[str] | None = None) -> dict:
                    replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
                 record(seconds, "stage-alone", stage_alone(plan_job(job_cfg), args.threads, passes))
-            if args.exact_cost:
-                record(seconds, "replica-plain", replica_alone(model_dir, waves, plan, args.precision, args.device,
-                                                               args.threads, passes, exact=False))
             if args.decode_cost:
                 for name, value in decoding(model_dir, waves, plan).items():
                     decode_s.setdefault(name, []).append(value)
@@ -445,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
             if args.job_marginal:
-                half_summary = run_job(job_config(model_dir, tmp / "half", tmp / "out", args.precision, args.overrides))
+                half_summary = run_job(job_config(model_dir, tmp / "half", tmp / "out", args.precision,
+                                                  args.overrides, args.device))
                 added = summary["wall_s"] - half_summary["wall_s"]
                 # As seconds for the whole corpus at the second half's speed, like the other paths.
                 seconds.setdefault("job-marginal", []).append(added * audio_s / added_s)

@@ -7,9 +7,10 @@ import json
 import logging
 import sys
 
-from pipeline.config import DEFAULT_MODEL, ConfigError, load_config
-from pipeline.engine import JobError, run_job
-from pipeline.stages import LOG_FORMAT
+from pipeline.config import DEFAULT_MODEL, load_config
+from pipeline.engine import run_job
+from pipeline.errors import ConfigError, JobError
+from pipeline.logs import LOG_FORMAT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,19 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipeline.schema import ErrorKind
-
-
-class AudioError(Exception):
-    """A row-level failure: ``kind`` is one of :class:`pipeline.schema.ErrorKind`."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):  # pickles across the isolated decoder's pipe with its kind
-        return (AudioError, (self.kind, str(self)))
-
+from pipeline.errors import AudioError, ErrorKind
 
 # Headers beyond these are corrupt or hostile: they would size buffers from a lie.
 MAX_SAMPLE_RATE = 768_000

@@ -13,12 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import bundled
+from pipeline.errors import ConfigError
 
 DEFAULT_MODEL = "facebook/wav2vec2-base-960h"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message is meant for the user as is."""
+DEFAULT_DECODER = "pipeline.audio:decode"
 
 
 class _Section(BaseModel):
@@ -26,7 +24,8 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    path: str | None = Field(None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, @sample or @heldout")
+    path: str | None = Field(
+        None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, @sample or @heldout")
     format: Literal["auto", "csv", "jsonl", "parquet", "folder", "hf"] = "auto"
     hf_split: str | None = None
     hf_config: str | None = None
@@ -77,6 +76,9 @@ class DecodeConfig(_Section):
     isolate: bool = True
     timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(2, ge=1)
+    # The function that decodes one file, ``module:function`` with pipeline.audio.decode's signature
+    # (e.g. another codec's); importable by every worker.
+    function: str = Field(DEFAULT_DECODER, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class InferenceConfig(_Section):
@@ -89,8 +91,8 @@ class InferenceConfig(_Section):
     # Autocast dtype of the forward pass: bf16 on CPUs with AVX-512 bf16/AMX and on GPUs, fp16 on
     # GPUs only. The batch-invariance probe always runs in fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # The conv feature encoder (pipeline.model.CONV_ENCODERS): auto = matmul products where they
-    # beat the stock convs (CPUs in reduced precision: chunked; GPUs: batched), else stock.
+    # The conv feature encoder (pipeline.model.invariance.CONV_ENCODERS): auto = matmul products
+    # (CPUs in reduced precision: chunked; GPUs: batched, with the positional conv too), else stock.
     conv_encoder: Literal["auto", "stock", "chunked", "batched"] = "auto"
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)

@@ -10,46 +10,45 @@ times in all, then the row becomes a ``worker_crash`` error; a row still running
 ``timeout_s`` gets its child killed and becomes a ``timeout`` error (not retried: hangs repeat).
 Ray's own task retries (``decode.max_retries``) stay as the bound for failures of the worker itself.
 
-Test hooks: the child segfaults on any path containing ``$CORPUS_TRANSCRIBE_TEST_CRASH_ON`` and
-sleeps on any path containing ``$CORPUS_TRANSCRIBE_TEST_HANG_ON`` (both unset in production).
+The child runs the decode function named by ``decode.function`` (``module:function``, default
+:func:`pipeline.audio.decode`), so a decoder of another codec, or a test's faulty one, runs isolated too.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.audio import AudioError, Decoded, decode
-from pipeline.schema import ErrorKind
+from pipeline.audio import Decoded
+from pipeline.errors import AudioError, ErrorKind
 
-CRASH_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_CRASH_ON"
-HANG_HOOK_ENV = "CORPUS_TRANSCRIBE_TEST_HANG_ON"
 # A fresh child imports numpy, soundfile and soxr before it answers; on a loaded machine that can
 # take seconds, which must not count against a row's decode.timeout_s.
 STARTUP_TIMEOUT_S = 120.0
 
 
-def _serve(requests: Connection, replies: Connection) -> None:
+def import_function(target: str) -> Callable[..., Decoded]:
+    """The function ``module:function`` names (``decode.function``)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(requests: Connection, replies: Connection, decode: Callable[..., Decoded]) -> None:
     """The child's loop: decode each request, answer ("ok", Decoded) or ("error", kind, message)."""
-    crash_on, hang_on = os.environ.get(CRASH_HOOK_ENV), os.environ.get(HANG_HOOK_ENV)
     while True:
         try:
             path, data, kwargs = requests.recv()
         except (EOFError, OSError):  # the parent is gone
             return
-        if crash_on and crash_on in path:
-            import ctypes
-
-            ctypes.string_at(0)  # a real segfault, as a broken codec would cause
-        if hang_on and hang_on in path:
-            time.sleep(10**6)
         try:
             reply: tuple = ("ok", decode(path, data, **kwargs))
         except AudioError as exc:
@@ -71,9 +70,10 @@ def _exit_reason(code: int | None) -> str:
 class IsolatedDecoder:
     """``decode`` in a child process with a timeout and bounded restarts (see the module doc)."""
 
-    def __init__(self, timeout_s: float, max_attempts: int):
+    def __init__(self, function: str, timeout_s: float, max_attempts: int):
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
+        self.function = function
         self._proc: subprocess.Popen | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
@@ -84,7 +84,7 @@ class IsolatedDecoder:
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.isolation", str(os.getpid())], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "pipeline.isolation", str(os.getpid()), self.function], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True,
         )
         self._requests = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
@@ -114,7 +114,7 @@ class IsolatedDecoder:
         self._stop(kill=True)
 
     def __call__(self, path: str, data: bytes | None = None, **kwargs: Any) -> Decoded:
-        """Decode like :func:`pipeline.audio.decode`; raise :class:`AudioError` for a bad row."""
+        """Decode like :func:`pipeline.audio.decode` (or ``function``); raise :class:`AudioError` for a bad row."""
         reason = ""
         for _ in range(self.max_attempts):
             try:
@@ -157,14 +157,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _main() -> None:
-    """Child entry point (argument: the parent's pid): requests on stdin, replies on the original
-    stdout; anything else that writes to stdout (a codec's message) goes to stderr instead of
-    corrupting the replies."""
+    """Child entry point (arguments: the parent's pid, the decode function): requests on stdin,
+    replies on the original stdout; anything else that writes to stdout (a codec's message) goes to
+    stderr instead of corrupting the replies."""
     _die_with_parent(int(sys.argv[1]))
+    decode = import_function(sys.argv[2])
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)
     replies.send(("ready",))
-    _serve(Connection(0, writable=False), replies)
+    _serve(Connection(0, writable=False), replies, decode)
 
 
 if __name__ == "__main__":

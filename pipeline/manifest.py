@@ -20,18 +20,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from pipeline import schema as S
 from pipeline import bundled
+from pipeline import schema as S
 from pipeline.config import InputConfig
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field(S.ID, pa.string(), nullable=False),
-        pa.field(S.PATH, pa.string()),
-        pa.field(S.AUDIO_BYTES, pa.binary()),
-        pa.field(S.REFERENCE, pa.string()),
-    ]
-)
+from pipeline.errors import ManifestError
 
 # What libsndfile reads, by extension; matched case-insensitively when listing a folder.
 AUDIO_EXTENSIONS = frozenset(
@@ -40,10 +32,6 @@ AUDIO_EXTENSIONS = frozenset(
 )
 HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 HF_PREFIX = "hf:"
-
-
-class ManifestError(ValueError):
-    """The input cannot be turned into a manifest; the message says where and why."""
 
 
 def detect_format(path: str) -> str:
@@ -136,7 +124,7 @@ def _as_strings(col: pa.ChunkedArray) -> list:
 
 
 def _normalize(table: pa.Table, source: str, where) -> pa.Table:
-    """Map a manifest's columns onto MANIFEST_SCHEMA; relative paths resolve against its folder."""
+    """Map a manifest's columns onto the manifest schema; relative paths resolve against its folder."""
     base_dir = Path(source).parent
     path_col = _pick(table, S.PATH_ALIASES)
     if path_col is None:
@@ -161,7 +149,7 @@ def _normalize(table: pa.Table, source: str, where) -> pa.Table:
     refs = _as_strings(table[ref_col]) if ref_col else [None] * len(ids)
     return pa.table(
         {S.ID: ids, S.PATH: paths, S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()), S.REFERENCE: refs},
-        schema=MANIFEST_SCHEMA,
+        schema=S.MANIFEST_SCHEMA,
     )
 
 
@@ -181,15 +169,13 @@ def _list_folder(root: Path) -> pa.Table:
             S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()),
             S.REFERENCE: pa.nulls(len(ids), pa.string()),
         },
-        schema=MANIFEST_SCHEMA,
+        schema=S.MANIFEST_SCHEMA,
     )
 
 
 def _read_hf(path: str, cfg: InputConfig) -> pa.Table:
-    try:
-        import datasets
-    except ImportError:
-        raise ManifestError("reading a Hugging Face dataset needs `pip install datasets`") from None
+    import datasets  # imported here: seconds of imports that other inputs do without
+
     if path.startswith(HF_PREFIX):
         name = path[len(HF_PREFIX) :]
         try:
@@ -234,7 +220,7 @@ def _read_hf(path: str, cfg: InputConfig) -> pa.Table:
             S.AUDIO_BYTES: data.cast(pa.binary()),
             S.REFERENCE: _as_strings(table[ref_col]) if ref_col else pa.nulls(len(ids), pa.string()),
         },
-        schema=MANIFEST_SCHEMA,
+        schema=S.MANIFEST_SCHEMA,
     )
 
 

@@ -1,9 +1,11 @@
-"""Column names, error kinds and the output Arrow schema: named once, here."""
+"""Column names, the Arrow schemas between the steps and of the output, and the audio column's layout:
+named once, here. (Error kinds and stages: :mod:`pipeline.errors`.)"""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 
 # Manifest columns after normalisation (see pipeline.manifest).
@@ -31,31 +33,15 @@ PADDED_SAMPLES = "padded_samples"
 PATH_ALIASES = (PATH, "audio_filepath", "file", "audio_path")
 REFERENCE_ALIASES = ("text", "transcript", "sentence")
 
-# Stages named in ``error_stage``.
-STAGE_READ = "read"
-STAGE_DECODE = "decode"
-STAGE_TRANSCRIBE = "transcribe"
-
-
-class ErrorKind:
-    """The fixed set of machine-readable error kinds written to ``error_kind``."""
-
-    NOT_FOUND = "not_found"  # the file does not exist (or is a dangling symlink)
-    UNREADABLE = "unreadable"  # exists but cannot be read: a directory, a FIFO, no permission, a symlink loop
-    NOT_ALLOWED = "not_allowed"  # outside input.allowed_roots (after resolving symlinks and "..")
-    TOO_LARGE = "too_large"  # the file is larger than audio.max_file_bytes
-    DECODE_ERROR = "decode_error"  # libsndfile cannot decode it
-    EMPTY = "empty"  # decodes to zero samples
-    NON_FINITE = "non_finite"  # NaN or Inf samples
-    TOO_LONG = "too_long"  # longer than audio.max_duration_s (by its header, checked before reading)
-    TOO_SHORT = "too_short"  # shorter than the model's receptive field
-    TIMEOUT = "timeout"  # decoding took longer than decode.timeout_s; its process was killed
-    WORKER_CRASH = "worker_crash"  # the decoding process died on it decode.max_attempts times
-    INFERENCE_ERROR = "inference_error"  # the model failed on this row alone
-
-    ALL = (NOT_FOUND, UNREADABLE, NOT_ALLOWED, TOO_LARGE, DECODE_ERROR, EMPTY, NON_FINITE, TOO_LONG,
-           TOO_SHORT, TIMEOUT, WORKER_CRASH, INFERENCE_ERROR)
-
+# The manifest: every input normalised to these columns (pipeline.manifest).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(PATH, pa.string()),
+        pa.field(AUDIO_BYTES, pa.binary()),
+        pa.field(REFERENCE, pa.string()),
+    ]
+)
 
 # Rows between the stages: the manifest plus what the decode stage learned.
 DECODED_SCHEMA = pa.schema(
@@ -99,3 +85,23 @@ METADATA_KEY = b"corpus_transcribe"
 def output_schema(metadata: dict) -> pa.Schema:
     """The output schema carrying ``metadata`` (model id, revision, versions) as JSON."""
     return OUTPUT_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def audio_column(waves: list[np.ndarray]) -> pa.LargeListArray:
+    """The ``audio`` column for ``waves``: one Arrow list array over a single concatenated float32
+    buffer (no per-row Python objects)."""
+    offsets = np.zeros(len(waves) + 1, dtype=np.int64)
+    np.cumsum([len(w) for w in waves], out=offsets[1:])
+    values = np.concatenate(waves) if waves else np.zeros(0, dtype=np.float32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()))
+
+
+def audio_views(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each row of an ``audio`` column as a zero-copy numpy view, chunk by chunk: Ray Data hands a
+    replica one chunk per decode task's block, and combining them would copy every sample."""
+    waves = []
+    for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy()  # a sliced chunk's offsets index its unsliced values
+        values = chunk.values.to_numpy(zero_copy_only=True)
+        waves.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+    return waves

@@ -1,6 +1,7 @@
 """A zoo of bad and odd audio inputs, built at test time, with the outcome each must have.
 
-Each entry: id → (path relative to the zoo root, expected error kind or None for a transcript).
+Each entry: id → (path relative to the zoo root, expected error kind or None for a transcript). The
+crashing and hanging files need the test-only decoder (``faulty_decoder``) as ``decode.function``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+from faulty_decoder import CRASH_MARKER, HANG_MARKER
 
-from pipeline import bundled, demo_model
-from pipeline.isolation import CRASH_HOOK_ENV, HANG_HOOK_ENV
-from pipeline.schema import ErrorKind as K
+from pipeline import bundled
+from pipeline.errors import ErrorKind as K
+from tools import demo_model
 
 RATE = 16_000
-# Markers the session's conftest puts into the test hooks' environment variables.
-CRASH_MARKER = "__crash_decoder__"
-HANG_MARKER = "__hang_decoder__"
-HOOK_ENV = {CRASH_HOOK_ENV: CRASH_MARKER, HANG_HOOK_ENV: HANG_MARKER}
 MAX_FILE_BYTES = 8_000_000  # the zoo's cap, so that one ordinary-looking WAV is "too large"
 
 

@@ -19,16 +19,18 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
-from pipeline.demo_model import VOCAB as BASE_960H_VOCAB  # base-960h's vocabulary, id for id
-from pipeline.synth import chirp
+from tools.demo_model import VOCAB as BASE_960H_VOCAB  # base-960h's vocabulary, id for id
+from tools.synth import chirp
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
 
 
 def start_transcribe(*args: str, **popen_kwargs) -> subprocess.Popen:
     """The ``transcribe`` command line as a user runs it, from the checkout, output captured as text."""
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.transcribe", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-m", "jobs.transcribe", *args], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs,
     )
 
@@ -75,25 +77,3 @@ def write_tone_clips(folder: Path, durations_s: list[float], rate: int = 16_000,
         sf.write(path, chirp(dur, rng, rate), rate)
         paths.append(path)
     return paths
-
-
-class Reference:
-    """The seed notebook's code path, one utterance at a time: the oracle for the job.
-
-    ``Wav2Vec2Processor(audio, sampling_rate=16000)`` → model → argmax → ``batch_decode``.
-    """
-
-    def __init__(self, model_dir: Path):
-        from transformers import AutoModelForCTC, AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = AutoModelForCTC.from_pretrained(model_dir).eval()
-
-    def logits(self, audio: np.ndarray) -> torch.Tensor:
-        """``(frames, vocab)`` for one utterance, unpadded."""
-        inputs = self.processor(audio, sampling_rate=16_000, return_tensors="pt")
-        with torch.no_grad():
-            return self.model(**inputs).logits[0]
-
-    def __call__(self, audio: np.ndarray) -> str:
-        return self.processor.batch_decode(torch.argmax(self.logits(audio), dim=-1)[None])[0]

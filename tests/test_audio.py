@@ -12,7 +12,7 @@ import soxr
 from transformers import Wav2Vec2FeatureExtractor
 
 from pipeline.audio import AudioError, decode, normalize
-from pipeline.schema import ErrorKind
+from pipeline.errors import ErrorKind
 
 
 @pytest.fixture
@@ -92,8 +92,8 @@ def test_empty_nonfinite_and_too_long(tmp_path):
 
 def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
     """The child restarts after a crash (bounded attempts) and after a timeout kill; rows in
-    between decode normally. The crash and hang hooks come from the session's environment."""
-    from fault_zoo import CRASH_MARKER, HANG_MARKER
+    between decode normally. The crashes and hangs come from the test-only decode function."""
+    from faulty_decoder import CRASH_MARKER, FUNCTION, HANG_MARKER
 
     from pipeline.isolation import IsolatedDecoder
 
@@ -101,7 +101,7 @@ def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
     sf.write(good, speechlike, 16_000)
     for marker in (CRASH_MARKER, HANG_MARKER):
         (tmp_path / f"{marker}.wav").write_bytes(good.read_bytes())
-    decoder = IsolatedDecoder(timeout_s=1.0, max_attempts=3)
+    decoder = IsolatedDecoder(FUNCTION, timeout_s=1.0, max_attempts=3)
     try:
         expected = decode(str(good)).audio
         np.testing.assert_array_equal(decoder(str(good)).audio, expected)
@@ -123,16 +123,16 @@ def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
 def test_a_hung_decoding_process_dies_with_the_worker_that_started_it(tmp_path):
     """A worker killed while its child hangs on a file (SIGKILL: no clean-up of its own) leaves no
     orphan: the kernel kills the child too (Linux)."""
-    from fault_zoo import HANG_MARKER
-    from helpers import ROOT
+    from faulty_decoder import FUNCTION, HANG_MARKER
+    from helpers import ROOT, TESTS
 
     worker = subprocess.Popen(
         [sys.executable, "-c", "from pipeline.isolation import IsolatedDecoder\n"
-         "d = IsolatedDecoder(timeout_s=600, max_attempts=1)\n"
+         f"d = IsolatedDecoder({FUNCTION!r}, timeout_s=600, max_attempts=1)\n"
          "d._start()\n"
          "print(d._proc.pid, flush=True)\n"
          f"d({str(tmp_path / HANG_MARKER)!r})\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
     )
     child = int(worker.stdout.readline())
 

@@ -35,5 +35,6 @@ def test_stage_alone_runs_the_jobs_calls_and_fails_on_a_row_without_a_transcript
     assert len(paths) > 3 and len(seconds) == 2 and all(s > 0 for s in seconds)
 
     (corpus / "utt9999.flac").write_bytes(b"not audio")
-    with pytest.raises(RuntimeError, match=r"stage-alone: 1 rows without a transcript, the first decode_error: .*utt9999"):
+    message = r"stage-alone: 1 rows without a transcript, the first decode_error: .*utt9999"
+    with pytest.raises(RuntimeError, match=message):
         stage_alone(plan(cfg), threads=1, passes=1)

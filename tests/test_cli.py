@@ -10,10 +10,10 @@ from pathlib import Path
 
 import jiwer
 import pytest
-
 from helpers import start_transcribe, write_tone_clips
+
 from pipeline import schema as S
-from pipeline.engine import read_output
+from pipeline.output import read_output
 
 DEMO_MAX_CER = 0.04  # measured 2.28% over all 40 clips (pipeline/models/demo-wav2vec2/TRAINING.md)
 
@@ -30,7 +30,7 @@ def transcribe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_the_driver_plans_a_job_without_importing_torch(tmp_path):
     """The driver reads the manifest and the model's front end without torch or transformers'
-    model code (pipeline/checkpoint.py): ~2.3 s and ~190 MB less for the demo job on 2 cores."""
+    model code (pipeline.model.spec reads only the feature extractor's settings)."""
     code = (
         "import sys\n"
         "from pipeline.config import load_config\n"
@@ -50,6 +50,7 @@ def test_console_script_is_declared():
     assert ep.value == "jobs.transcribe:main"
 
 
+@pytest.mark.integration
 def test_joins_a_cluster_with_address(ray_cluster, layer_model, tmp_path):
     write_tone_clips(tmp_path / "clips", [1.0, 2.0, 0.5])
     out = tmp_path / "out"
@@ -61,6 +62,7 @@ def test_joins_a_cluster_with_address(ray_cluster, layer_model, tmp_path):
     assert sorted(read_output(out)[S.ID].to_pylist()) == ["clip000.flac", "clip001.flac", "clip002.flac"]
 
 
+@pytest.mark.integration
 def test_demo_config_transcribes_the_heldout_clips_offline(tmp_path):
     """The README's run command: bundled model, bundled clips, Ray in-process, no download."""
     out = tmp_path / "demo"

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_MODEL, ConfigError, load_config
+from pipeline.config import DEFAULT_MODEL, InferenceConfig, load_config
+from pipeline.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -14,20 +15,24 @@ def test_shipped_configs_validate(path):
     assert cfg.model.name == ("@demo" if path.stem == "demo" else DEFAULT_MODEL)
 
 
-def test_the_benchmarks_gpu_batching_is_the_gpu_configs():
-    from jobs.benchmark import GPU_BATCHING
+def test_the_benchmarks_gpu_job_runs_the_gpu_config(tmp_path):
+    """jobs.benchmark --device cuda reads configs/gpu-cluster.yaml, on the benchmark's corpus and model."""
+    from jobs.benchmark import job_config
 
-    gpu = load_config(CONFIGS[0].parent / "gpu-cluster.yaml").inference
-    bench = load_config(overrides=GPU_BATCHING).inference
-    assert (bench.rows_per_call, bench.max_batch_samples) == (gpu.rows_per_call, gpu.max_batch_samples)
+    gpu = load_config(CONFIGS[0].parent / "gpu-cluster.yaml")
+    bench = job_config("model", tmp_path / "corpus", tmp_path / "out", "bf16", ["inference.max_replicas=1"], "cuda")
+    assert bench.inference.model_dump() == {**gpu.inference.model_dump(), "max_replicas": 1}
+    assert (bench.decode, bench.audio) == (gpu.decode, gpu.audio)
+    assert (bench.input.path, bench.input.allowed_roots, bench.model.name) == (str(tmp_path / "corpus"), [], "model")
+    cpu = job_config("model", tmp_path / "corpus", tmp_path / "out", "bf16", [])
+    assert cpu.inference.gpus_per_replica == 0 and cpu.inference.rows_per_call == InferenceConfig().rows_per_call
 
 
 def test_the_configs_conv_encoders_are_the_models():
-    """config.py cannot import pipeline.model (torch): the two lists are kept equal here."""
+    """config.py cannot import the model code (torch): the two lists are kept equal here."""
     from typing import get_args
 
-    from pipeline.config import InferenceConfig
-    from pipeline.model import CONV_ENCODERS
+    from pipeline.model.invariance import CONV_ENCODERS
 
     assert get_args(InferenceConfig.model_fields["conv_encoder"].annotation) == ("auto", "stock", *CONV_ENCODERS)
 
@@ -46,7 +51,8 @@ def test_overrides_are_yaml_typed_and_win_over_the_file():
     "overrides, message",
     [
         (["inference.max_replicas=0"], "inference.max_replicas = 0: Input should be greater than or equal to 1"),
-        (["inference.precision=fp16"], "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0)"),
+        (["inference.precision=fp16"],
+         "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0)"),
         (["inference.precision=int8"], "inference.precision = 'int8': Input should be 'fp32', 'bf16' or 'fp16'"),
         (["inference.conv_encoder=cudnn"],
          "inference.conv_encoder = 'cudnn': Input should be 'auto', 'stock', 'chunked' or 'batched'"),

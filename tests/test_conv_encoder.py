@@ -6,22 +6,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForCTC, Data2VecAudioConfig, HubertConfig, SEWConfig, Wav2Vec2Config,
-                          Wav2Vec2ForCTC, WavLMConfig)
+from transformers import (
+    AutoModelForCTC,
+    Data2VecAudioConfig,
+    HubertConfig,
+    SEWConfig,
+    Wav2Vec2Config,
+    Wav2Vec2ForCTC,
+    WavLMConfig,
+)
 from transformers.models.data2vec.modeling_data2vec_audio import Data2VecAudioPositionalConvEmbedding
 from transformers.models.hubert.modeling_hubert import HubertPositionalConvEmbedding
 from transformers.models.sew.modeling_sew import SEWPositionalConvEmbedding
-from transformers.models.wav2vec2.modeling_wav2vec2 import (Wav2Vec2NoLayerNormConvLayer,
-                                                            Wav2Vec2PositionalConvEmbedding)
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2NoLayerNormConvLayer, Wav2Vec2PositionalConvEmbedding
 from transformers.models.wavlm.modeling_wavlm import WavLMPositionalConvEmbedding
 
-from pipeline import conv_encoder, demo_model
 from pipeline.audio import normalize
 from pipeline.bundled import input_path, model_path
-from pipeline.conv_encoder import (BatchedMatmulFeatureEncoder, MatmulFeatureEncoder, MatmulPositionalConv,
-                                   UnsupportedEncoder, conv_output_frames)
-from pipeline.checkpoint import ModelSpec
-from pipeline.model import CTCTranscriber
+from pipeline.model import conv_encoder
+from pipeline.model.conv_encoder import (
+    BatchedMatmulFeatureEncoder,
+    MatmulFeatureEncoder,
+    MatmulPositionalConv,
+    UnsupportedEncoder,
+    conv_output_frames,
+)
+from pipeline.model.invariance import checked_swap, install_matmul_encoder
+from pipeline.model.spec import ModelSpec
+from pipeline.model.transcriber import CTCTranscriber
+from tools import demo_model
 
 LENGTHS = [400, 401, 3_217, 16_000, 40_000]
 
@@ -63,19 +76,19 @@ def test_equals_the_stock_encoder_in_fp32(kind, encoder, group_model, layer_mode
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pieces_of_a_few_frames_give_the_same_result(kind, group_model, layer_model, monkeypatch):
-    """Frames are computed CHUNK_FRAMES at a time: cut every few frames, in every layer, the
+def test_pieces_of_a_few_frames_give_the_same_result(kind, group_model, layer_model):
+    """Frames are computed chunk_frames at a time: cut every few frames, in every layer, the
     result is still the stock encoder's (with and without lengths)."""
     stock, fast = _encoders(kind, group_model, layer_model)
+    small = MatmulFeatureEncoder(stock, chunk_frames=7)
     x, lengths = _batch(3)
     with torch.inference_mode():
         whole = fast(x)
-        fast.lengths = lengths
-        whole_valid = fast(x)
-        monkeypatch.setattr(conv_encoder, "CHUNK_FRAMES", 7)
-        pieces_valid = fast(x)
-        fast.lengths = None
-        pieces, want = fast(x), stock(x)
+        with fast.valid_lengths(lengths):
+            whole_valid = fast(x)
+        with small.valid_lengths(lengths):
+            pieces_valid = small(x)
+        pieces, want = small(x), stock(x)
     torch.testing.assert_close(pieces, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(pieces_valid, whole_valid, atol=1e-6, rtol=1e-6)
@@ -103,8 +116,7 @@ def test_with_lengths_each_row_is_its_result_alone(kind, encoder, group_model, l
     norm's padded frames are zeros (the batched one leaves them to the model's mask)."""
     stock, fast = _encoders(kind, group_model, layer_model, encoder)
     x, lengths = _batch(1)
-    fast.lengths = lengths
-    with torch.inference_mode():
+    with torch.inference_mode(), fast.valid_lengths(lengths):
         got = fast(x)
         for row, n in enumerate(LENGTHS):
             alone = stock(x[row : row + 1, :n])[0]
@@ -114,8 +126,7 @@ def test_with_lengths_each_row_is_its_result_alone(kind, encoder, group_model, l
         first_only = torch.nn.Module()
         first_only.conv_layers = torch.nn.ModuleList(stock.conv_layers[:1])
         layer = MatmulFeatureEncoder(first_only)
-        layer.lengths = lengths
-        with torch.inference_mode():
+        with torch.inference_mode(), layer.valid_lengths(lengths):
             normed = layer(x)
         frames = conv_output_frames(lengths, layer.layers[0].kernel, layer.layers[0].stride)
         for row, n in enumerate(frames.tolist()):
@@ -138,19 +149,19 @@ def test_batched_rows_of_any_width_and_company_are_their_results_alone(kind, gro
             x = torch.zeros(len(rows), max(len(waves[i]) for i in rows))
             for r, i in enumerate(rows):
                 x[r, : len(waves[i])] = waves[i]
-            fast.lengths = torch.tensor([len(waves[i]) for i in rows])
-            got = fast(x)
+            with fast.valid_lengths(torch.tensor([len(waves[i]) for i in rows])):
+                got = fast(x)
             assert got.shape == stock(x).shape
             for r, i in enumerate(rows):
                 torch.testing.assert_close(got[r, :, : alone[i].shape[1]], alone[i], atol=1e-5, rtol=1e-4)
-            fast.lengths = None
             torch.testing.assert_close(fast(x), stock(x), atol=1e-5, rtol=1e-4)
 
 
 def test_no_layer_computes_more_than_a_chunk_at_once(group_model, monkeypatch):
-    """Rows go through the stack CHUNK_FRAMES output frames at a time: no layer ever sees more
+    """Rows go through the stack chunk_frames output frames at a time: no layer ever sees more
     input than those frames need, however long the row (here 40 000 samples, 124 frames)."""
-    _, fast = _encoders("group", group_model, None)
+    stock, _ = _encoders("group", group_model, None)
+    fast = MatmulFeatureEncoder(stock, chunk_frames=16)
     x, _ = _batch()
     seen = []
     conv_frames = conv_encoder._Layer.conv_frames
@@ -160,7 +171,6 @@ def test_no_layer_computes_more_than_a_chunk_at_once(group_model, monkeypatch):
         return conv_frames(self, h, steps)
 
     monkeypatch.setattr(conv_encoder._Layer, "conv_frames", recording)
-    monkeypatch.setattr(conv_encoder, "CHUNK_FRAMES", 16)
     with torch.inference_mode():
         out = fast(x)
     assert out.shape[2] == 124 and seen
@@ -200,7 +210,7 @@ def test_unknown_layers_keep_the_stock_encoder_and_say_why(group_model, caplog):
     stock.conv_layers[0].layer_norm = stock.conv_layers[0].layer_norm.norm  # fp32's ValidFramesGroupNorm off
     stock.conv_layers[2].__class__ = _ScaledConvLayer
     with caplog.at_level(logging.WARNING, logger="pipeline.model"):
-        assert t._install_matmul_encoder("scaled", "chunked") is None
+        assert install_matmul_encoder(t.model, "scaled", "chunked") is None
     assert t.model.base_model.feature_extractor is stock
     assert "keeping the stock conv feature encoder (the matmul one differs by" in caplog.text
 
@@ -239,15 +249,14 @@ def _frames(channels: int, valid=(300, 1, 217, 64), seed: int = 0) -> torch.Tens
 
 @pytest.mark.parametrize("block", [conv_encoder.POSITIONAL_BLOCK_FRAMES, 5])
 @pytest.mark.parametrize("module, config", POSITIONAL, ids=lambda p: getattr(p, "__name__", ""))
-def test_matmul_positional_conv_equals_the_stock_one(module, config, block, monkeypatch):
+def test_matmul_positional_conv_equals_the_stock_one(module, config, block):
     """fp32: the same outputs as the stock module, in blocks of any size (5: windows of one block
     straddle two rows); bf16 autocast: within bf16's rounding of fp32's, in bf16 as the stock
     module's. (The whole replica with it against the stock model: tests/test_model.py's batched
     encoder cases.)"""
-    monkeypatch.setattr(conv_encoder, "POSITIONAL_BLOCK_FRAMES", block)
     torch.manual_seed(1)
     stock = module(config).eval()
-    fast = MatmulPositionalConv(stock)
+    fast = MatmulPositionalConv(stock, block_frames=block)
     x = _frames(config.hidden_size)
     with torch.inference_mode():
         want, got = stock(x), fast(x)
@@ -272,9 +281,8 @@ def test_positional_convs_it_does_not_know_raise_or_fail_the_probe(group_model, 
         MatmulPositionalConv(SEWPositionalConvEmbedding(SEWConfig(hidden_size=32, squeeze_factor=2)))
     # Unsqueezed, SEW's passes the structure check, but it takes (B, C, T): the probe keeps it.
     sew = SEWPositionalConvEmbedding(SEWConfig(hidden_size=32, squeeze_factor=1))
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32")
     with caplog.at_level(logging.WARNING, logger="pipeline.model"):
-        assert t._checked_swap("sew", "positional conv", sew, MatmulPositionalConv, _frames(32)) is None
+        assert checked_swap("sew", "positional conv", sew, MatmulPositionalConv, _frames(32)) is None
     assert "sew: keeping the stock positional conv (it does not take the probe" in caplog.text
 
 

@@ -12,10 +12,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from pipeline import bundled, demo_model
+from pipeline import bundled
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import read_output, run_job
+from pipeline.engine import run_job
+from pipeline.model.reference import Reference
+from pipeline.output import read_output
+from tools import demo_model
+
+pytestmark = pytest.mark.integration  # a real local Ray cluster
 
 HELDOUT = Path(bundled.input_path("@heldout"))
 # Thresholds set from the measured figures (printed by the tests; see TRAINING.md) plus a margin.
@@ -47,8 +52,7 @@ def test_heldout_error_rates_through_the_job_and_the_seed_path(heldout_run, mani
     originals = [m for m in manifest if m["condition"] == "16k"]
     refs = [m["text"] for m in originals]
     job = [heldout_run[m["id"]][S.TRANSCRIPT] for m in originals]
-    seed = demo_model.reference_transcribe(
-        Path(bundled.model_path("@demo")),
+    seed = Reference.from_pretrained(bundled.model_path("@demo")).transcribe(
         [demo_model.load_for_reference(HELDOUT.parent / m["path"]) for m in originals])
     cer, wer = jiwer.cer(refs, job), jiwer.wer(refs, job)
     all_cer = jiwer.cer([m["text"] for m in manifest], [heldout_run[m["id"]][S.TRANSCRIPT] for m in manifest])
@@ -69,7 +73,7 @@ def test_converted_copies_read_like_their_16k_originals(heldout_run, manifest):
         copies = [heldout_run[m["id"]][S.TRANSCRIPT] for m in rows]
         drift = jiwer.cer(originals, copies)
         print(f"{condition}: CER vs the 16 kHz originals {drift:.2%}")
-        assert drift <= MAX_CER_CONVERTED_VS_ORIGINAL, list(zip(originals, copies))
+        assert drift <= MAX_CER_CONVERTED_VS_ORIGINAL, list(zip(originals, copies, strict=True))
     stereo = [r for r in heldout_run.values() if r[S.ID].endswith("44k-stereo")]
     assert {(r[S.SAMPLE_RATE], r[S.NUM_CHANNELS]) for r in stereo} == {(44_100, 2)}
     assert {r[S.SAMPLE_RATE] for r in heldout_run.values() if r[S.ID].endswith("-8k")} == {8_000}
@@ -93,7 +97,8 @@ def test_bf16_changes_few_transcripts(heldout_run, ray_cluster, tmp_path):
     """bf16 autocast (fast on CPUs with AVX-512 bf16) against fp32: count and bound the changes."""
     rows = run(ray_cluster, HELDOUT, tmp_path / "out", "inference.precision=bf16")
     changed = [k for k, r in heldout_run.items() if rows[k][S.TRANSCRIPT] != r[S.TRANSCRIPT]]
-    drift = jiwer.cer([heldout_run[k][S.TRANSCRIPT] for k in sorted(rows)], [rows[k][S.TRANSCRIPT] for k in sorted(rows)])
+    drift = jiwer.cer([heldout_run[k][S.TRANSCRIPT] for k in sorted(rows)],
+                      [rows[k][S.TRANSCRIPT] for k in sorted(rows)])
     print(f"\nbf16 vs fp32: {len(changed)} of {len(rows)} transcripts change, CER between them {drift:.2%}")
     assert drift <= MAX_BF16_CER_VS_FP32
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())

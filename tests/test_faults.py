@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import shutil
 
+import fault_zoo
 import jiwer
 import pytest
+from faulty_decoder import CRASH_MARKER, FUNCTION, HANG_MARKER
 
-import fault_zoo
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import JobError, read_output, run_job
-from pipeline.manifest import ManifestError
+from pipeline.engine import run_job
+from pipeline.errors import ErrorKind, JobError, ManifestError, Stage
+from pipeline.output import read_output
+
+pytestmark = pytest.mark.integration  # a real local Ray cluster
 
 TIMEOUT_S = 4.0
 
@@ -30,14 +34,14 @@ def zoo_run(ray_cluster, tmp_path_factory):
     outside.mkdir()
     shutil.copy(root / "good.flac", outside / "secret.flac")
     os.symlink(outside / "secret.flac", root / "link_out.flac")
-    zoo["dotdot_escape"] = ("../outside/secret.flac", S.ErrorKind.NOT_ALLOWED)
-    zoo["symlink_escape"] = ("link_out.flac", S.ErrorKind.NOT_ALLOWED)
+    zoo["dotdot_escape"] = ("../outside/secret.flac", ErrorKind.NOT_ALLOWED)
+    zoo["symlink_escape"] = ("link_out.flac", ErrorKind.NOT_ALLOWED)
     lines = [f"{row_id},{rel}" for row_id, (rel, _) in zoo.items()]
     (root / "manifest.csv").write_text("id,path\n" + "\n".join(lines) + "\n")
     cfg = load_config(
         overrides=["ray.progress_bars=false", "inference.max_batch_samples=200000",
                    f"audio.max_file_bytes={fault_zoo.MAX_FILE_BYTES}", f"decode.timeout_s={TIMEOUT_S}",
-                   "decode.max_attempts=2", "decode.rows_per_task=4"],
+                   "decode.max_attempts=2", "decode.rows_per_task=4", f"decode.function={FUNCTION}"],
         **{"input.path": str(root / "manifest.csv"), "output.path": str(base / "out"),
            "model.name": "@demo", "input.allowed_roots": [str(root)]},
     )
@@ -49,7 +53,7 @@ def zoo_run(ray_cluster, tmp_path_factory):
 def test_every_fault_ends_as_one_row_of_the_right_kind(zoo_run):
     zoo, rows, summary, root = zoo_run
     print(f"\n{'id':28s} {'expected':13s} {'got':13s} message / transcript")
-    for row_id, (rel, kind) in zoo.items():
+    for row_id, (_, kind) in zoo.items():
         r = rows[row_id]
         print(f"{row_id:28s} {kind or '-':13s} {r[S.ERROR_KIND] or '-':13s} {(r[S.ERROR] or r[S.TRANSCRIPT])[:70]!r}")
     assert len(zoo) >= 20
@@ -64,9 +68,9 @@ def test_every_fault_ends_as_one_row_of_the_right_kind(zoo_run):
         else:
             assert r[S.TRANSCRIPT] is None, row_id
             assert r[S.ERROR].startswith(f"{kind}: ") and os.path.basename(rel) in r[S.ERROR], r[S.ERROR]
-            stage = S.STAGE_TRANSCRIBE if kind == S.ErrorKind.TOO_SHORT else S.STAGE_DECODE
+            stage = Stage.TRANSCRIBE if kind == ErrorKind.TOO_SHORT else Stage.DECODE
             assert r[S.ERROR_STAGE] == stage, (row_id, r[S.ERROR_STAGE])
-    assert summary["errors_by_kind"][S.ErrorKind.WORKER_CRASH] == 1
+    assert summary["errors_by_kind"][ErrorKind.WORKER_CRASH] == 1
 
 
 def test_odd_but_valid_audio_is_transcribed_like_the_original(zoo_run):
@@ -89,9 +93,9 @@ def test_odd_but_valid_audio_is_transcribed_like_the_original(zoo_run):
 
 def test_timeout_and_crash_are_bounded(zoo_run):
     _, rows, summary, _ = zoo_run
-    assert "decode.timeout_s = 4" in rows[f"{fault_zoo.HANG_MARKER}_flac"][S.ERROR]
-    assert "died on it 2 times" in rows[f"{fault_zoo.CRASH_MARKER}_flac"][S.ERROR]
-    assert "killed by SIGSEGV" in rows[f"{fault_zoo.CRASH_MARKER}_flac"][S.ERROR]
+    assert "decode.timeout_s = 4" in rows[f"{HANG_MARKER}_flac"][S.ERROR]
+    assert "died on it 2 times" in rows[f"{CRASH_MARKER}_flac"][S.ERROR]
+    assert "killed by SIGSEGV" in rows[f"{CRASH_MARKER}_flac"][S.ERROR]
     assert summary["wall_s"] < 120
 
 

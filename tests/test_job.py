@@ -13,11 +13,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from helpers import write_tone_clips
 
-from helpers import Reference, write_tone_clips
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import SUMMARY_FILE, JobError, build_dataset, plan, read_output, run_job
+from pipeline.engine import build_dataset, plan, run_job
+from pipeline.errors import ErrorKind, JobError, Stage
+from pipeline.model.reference import Reference
+from pipeline.output import SUMMARY_FILE, read_output
+
+pytestmark = pytest.mark.integration  # a real local Ray cluster
 
 # 22 utterances from 25 ms (the model's minimum) to 12 s, so batches mix very unequal lengths.
 DURATIONS = [0.025, 0.05, 0.3, 0.5, 0.8, 1.0, 1.3, 1.7, 2.0, 2.4, 2.9, 3.3, 3.8, 4.2, 5.0, 5.5, 6.1, 7.0,
@@ -61,7 +66,7 @@ def layer_run(ray_cluster, corpus, layer_model, tmp_path_factory):
 def test_layer_norm_transcripts_equal_the_reference_one_at_a_time(layer_run, corpus, layer_model):
     out, _ = layer_run
     rows = by_id(out)
-    ref = Reference(layer_model)
+    ref = Reference.from_pretrained(layer_model)
     clips = sorted((corpus.parent / "clips").glob("clip*.flac"))
     assert len(clips) >= 20
     for clip in clips:
@@ -73,11 +78,11 @@ def test_layer_norm_transcripts_equal_the_reference_one_at_a_time(layer_run, cor
 def test_error_rows_name_file_stage_and_reason(layer_run, corpus):
     rows = by_id(layer_run[0])
     missing, corrupt, short = rows["missing"], rows["corrupt"], rows["short"]
-    assert (missing[S.ERROR_KIND], missing[S.ERROR_STAGE]) == (S.ErrorKind.NOT_FOUND, S.STAGE_DECODE)
+    assert (missing[S.ERROR_KIND], missing[S.ERROR_STAGE]) == (ErrorKind.NOT_FOUND, Stage.DECODE)
     assert missing[S.ERROR].startswith("not_found: ") and "clips/missing.flac" in missing[S.ERROR]
-    assert (corrupt[S.ERROR_KIND], corrupt[S.ERROR_STAGE]) == (S.ErrorKind.DECODE_ERROR, S.STAGE_DECODE)
+    assert (corrupt[S.ERROR_KIND], corrupt[S.ERROR_STAGE]) == (ErrorKind.DECODE_ERROR, Stage.DECODE)
     assert "corrupt.flac" in corrupt[S.ERROR]
-    assert (short[S.ERROR_KIND], short[S.ERROR_STAGE]) == (S.ErrorKind.TOO_SHORT, S.STAGE_TRANSCRIBE)
+    assert (short[S.ERROR_KIND], short[S.ERROR_STAGE]) == (ErrorKind.TOO_SHORT, Stage.TRANSCRIBE)
     assert "100 samples" in short[S.ERROR] and "at least 400" in short[S.ERROR]
     for r in (missing, corrupt, short):
         assert r[S.TRANSCRIPT] is None
@@ -131,7 +136,7 @@ def test_group_norm_transcripts_are_batch_invariant(ray_cluster, corpus, group_m
     """wav2vec2-base-960h's kind: every row equals the reference run on it alone, whatever the batch
     budget (1x/4x/16x), the number of actors, the manifest order and the conv encoder (fp32 on the
     CPU: auto is the stock one; batched is the GPUs')."""
-    ref = Reference(group_model)
+    ref = Reference.from_pretrained(group_model)
     clips = sorted((corpus.parent / "clips").glob("clip*.flac"))
     expected = {c.stem: ref(sf.read(c, dtype="float32")[0]) for c in clips}
     manifest = corpus
@@ -199,7 +204,8 @@ def test_a_finished_output_is_left_alone_unless_overwrite(ray_cluster, corpus, l
 
 def test_a_pool_that_leaves_no_cpu_for_decoding_fails_fast(ray_cluster, corpus, layer_model, tmp_path):
     """Two 1-CPU replicas on the 2-CPU test cluster would leave decode tasks waiting forever."""
-    with pytest.raises(JobError, match=r"inference.min_replicas = 2: 2 replicas x 1 CPUs \(inference.cpus_per_replica\) "
+    with pytest.raises(JobError, match=r"inference.min_replicas = 2: 2 replicas x 1 CPUs "
+                       r"\(inference.cpus_per_replica\) "
                                        r"plus one decode task need 3 CPUs, the cluster has 2"):
         run(ray_cluster, corpus, tmp_path / "out", layer_model, "inference.min_replicas=2",
             "inference.max_replicas=2")

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline import schema as S
-from pipeline.config import InputConfig
 from pipeline import bundled
-from pipeline.config import ConfigError, load_config
-from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, read_manifest
+from pipeline import schema as S
+from pipeline.config import InputConfig, load_config
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.manifest import read_manifest
 
 
 def read(path, **kw):
@@ -30,7 +30,7 @@ def clips(tmp_path):
 def test_csv_aliases_relative_paths_and_string_ids(clips):
     (clips / "m.csv").write_text("id,audio_filepath,sentence\n007,audio/a.wav,HELLO\n008,/abs/x.wav,\n")
     t = read(clips / "m.csv")
-    assert t.schema == MANIFEST_SCHEMA
+    assert t.schema == S.MANIFEST_SCHEMA
     assert t[S.ID].to_pylist() == ["007", "008"]
     assert t[S.PATH].to_pylist() == [str(clips / "audio/a.wav"), "/abs/x.wav"]
     assert t[S.REFERENCE].to_pylist() == ["HELLO", None]

@@ -10,11 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_ctc_model
 
-from helpers import Reference, make_ctc_model
 from pipeline.audio import normalize
-from pipeline.checkpoint import CPU_REPLICA_ENV, ModelSpec, load_front_end
-from pipeline.model import CTCTranscriber, ValidFramesGroupNorm, receptive_field
+from pipeline.memory import CPU_REPLICA_ENV
+from pipeline.model.conv_encoder import receptive_field
+from pipeline.model.invariance import ValidFramesGroupNorm, batch_deviation
+from pipeline.model.reference import Reference
+from pipeline.model.spec import ModelSpec, load_front_end
+from pipeline.model.transcriber import CTCTranscriber
 
 
 def test_receptive_field_of_base_960h_geometry():
@@ -34,7 +38,7 @@ def test_front_end_read_without_torch_as_auto_feature_extractor_reads_it(tmp_pat
     from transformers import AutoFeatureExtractor
     from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
 
-    from pipeline.checkpoint import WAV2VEC2_FAMILY, _reads_as_wav2vec2
+    from pipeline.model.spec import WAV2VEC2_FAMILY, _reads_as_wav2vec2
 
     assert {FEATURE_EXTRACTOR_MAPPING_NAMES[kind] for kind in WAV2VEC2_FAMILY} == {"Wav2Vec2FeatureExtractor"}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "hubert"}))
@@ -58,12 +62,11 @@ def test_valid_frames_group_norm_equals_group_norm_on_each_row_alone(groups):
     masked = ValidFramesGroupNorm(norm)
     frames = [37, 5, 2, 20]
     x = torch.randn(len(frames), 16, max(frames)) * 3 + 1
-    masked.frames = torch.tensor(frames)
     with torch.no_grad():
-        y = masked(x)
+        with masked.valid_frames(torch.tensor(frames)):
+            y = masked(x)
         for row, n in enumerate(frames):
             torch.testing.assert_close(y[row, :, :n], norm(x[row : row + 1, :, :n])[0], atol=1e-5, rtol=1e-5)
-        masked.frames = None
         torch.testing.assert_close(masked(x), norm(x))
 
 
@@ -82,8 +85,8 @@ def test_batched_logits_equal_one_at_a_time_reference(kind, conv_encoder, group_
     model_dir = group_model if kind == "group" else layer_model
     t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1, conv_encoder=conv_encoder)
     assert t.batch_invariant and t.use_attention_mask and t.min_samples == 400
-    assert (t._encoder is None) == (conv_encoder == "auto")
-    ref = Reference(model_dir)
+    assert (t.encoder is None) == (conv_encoder == "auto")
+    ref = Reference.from_pretrained(model_dir)
     worst, texts = 0.0, 0
     for seed, count in [(0, 8), (1, 3), (2, 12), (3, 5)]:
         batch = _utterances(seed, count)
@@ -124,7 +127,7 @@ def test_greedy_decoder_gives_the_tokenizers_batch_decode_texts(group_model, tmp
 
     from transformers import AutoTokenizer, BertTokenizer, Wav2Vec2CTCTokenizer
 
-    from pipeline.model import GreedyCTCDecoder
+    from pipeline.model.ctc import GreedyCTCDecoder
 
     base = AutoTokenizer.from_pretrained(group_model)
     vocab = {"<pad>": 0, "<unk>": 1, "_": 2, "A": 3, "B": 4, "c": 5, "D": 6, "'": 7}
@@ -154,10 +157,23 @@ def test_greedy_decoder_gives_the_tokenizers_batch_decode_texts(group_model, tmp
 
 
 def test_plain_zero_padding_is_what_the_exact_path_fixes(group_model):
-    """Without the valid-frames group norm and mask, padding moves a group-norm model's logits."""
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", exact=False)
-    assert not t.batch_invariant and not t.use_attention_mask
-    assert t.probe() > 1e-2
+    """Without the valid-frames group norm and mask, padding moves a group-norm model's logits: the
+    probe that decides the exact path tells the two apart."""
+    from transformers import AutoModelForCTC
+
+    model = AutoModelForCTC.from_pretrained(group_model).eval()
+
+    def plain(waves):  # zero-padded, no mask: the standard path for a group-norm model
+        batch = torch.zeros(len(waves), max(map(len, waves)))
+        for row, wave in zip(batch, waves, strict=True):
+            row[: len(wave)] = torch.from_numpy(wave)
+        with torch.inference_mode():
+            return model(batch).logits
+
+    frames = lambda lengths: model._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()  # noqa: E731
+    assert batch_deviation(plain, frames, 400) > 1e-2
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu")
+    assert t.batch_invariant and t.probe() < 1e-4
 
 
 def test_models_the_exact_path_cannot_fix_fall_back_and_say_why_once(tmp_path, caplog, group_model):
@@ -169,12 +185,12 @@ def test_models_the_exact_path_cannot_fix_fall_back_and_say_why_once(tmp_path, c
     Data2VecAudioForCTC(config).save_pretrained(tmp_path)
     for name in ("processor_config.json", "tokenizer_config.json", "vocab.json"):
         shutil.copy(group_model / name, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.model"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.transcriber"):
         t = CTCTranscriber(ModelSpec(str(tmp_path)), device="cpu")
-    assert not t.batch_invariant and t._norm is None and not t.use_attention_mask
+    assert not t.batch_invariant and t.valid_lengths.norm is None and not t.use_attention_mask
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "data2vec-audio" in warnings[0] and "not batch-invariant" in warnings[0]
-    ref = Reference(tmp_path)
+    ref = Reference.from_pretrained(tmp_path)
     wave = _utterances(5, 3)[0]
     assert t.transcribe([wave]) == [ref(wave)]  # one row alone is still the reference
 
@@ -183,7 +199,7 @@ def test_a_second_group_norm_model_is_exact_too(tmp_path):
     """A different seed, so invariance is not a property of one set of weights."""
     model_dir = make_ctc_model(tmp_path / "m", norm="group", seed=7)
     t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu")
-    ref = Reference(model_dir)
+    ref = Reference.from_pretrained(model_dir)
     batch = _utterances(9, 6)
     assert t.transcribe(batch) == [ref(w) for w in batch]
 
@@ -229,8 +245,8 @@ def test_gpu_replica_fp32_is_batch_invariant_and_agrees_with_the_cpu_reference(g
         pytest.fail("marked gpu, but torch sees no CUDA device")
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision="fp32", conv_encoder=conv_encoder)
     assert t.device.type == "cuda" and t.batch_invariant
-    assert (t._encoder is None) == (conv_encoder == "stock")
-    ref = Reference(group_model)
+    assert (t.encoder is None) == (conv_encoder == "stock")
+    ref = Reference.from_pretrained(group_model)
     batch = _utterances(11, 8)
     assert t.transcribe(batch) == [ref(w) for w in batch]
 
@@ -256,8 +272,8 @@ def test_gpu_reduced_precision_matches_cpu_fp32_on_the_demo_model(precision):
     near-tie frames in any reduced precision: 3 of 8 transcripts changed in bf16 on an H200)."""
     if not torch.cuda.is_available():
         pytest.fail("marked gpu, but torch sees no CUDA device")
-    from pipeline import demo_model
     from pipeline.bundled import input_path, model_path
+    from tools import demo_model
 
     manifest = Path(input_path("@heldout"))
     rows = [r for r in demo_model.read_manifest(manifest) if r["condition"] == "16k"]
@@ -270,7 +286,7 @@ def test_gpu_reduced_precision_matches_cpu_fp32_on_the_demo_model(precision):
     changed = sum(a != b for a, b in zip(got, expected, strict=True))
     print(f"{precision} on {torch.cuda.get_device_name()} vs fp32 on the CPU: {changed} of {len(rows)} "
           f"transcripts change, CER between them {cer:.2%}")
-    assert cer <= 0.01, list(zip(expected, got))
+    assert cer <= 0.01, list(zip(expected, got, strict=True))
 
 
 def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
@@ -278,7 +294,8 @@ def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
     from transformers import AutoModelForCTC
 
     from pipeline.config import load_config
-    from pipeline.engine import JobError, run_job
+    from pipeline.engine import run_job
+    from pipeline.errors import JobError
 
     pickled = tmp_path / "pickled"
     shutil.copytree(group_model, pickled)
@@ -292,7 +309,7 @@ def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
     allowed = ModelSpec(str(pickled), allow_pickle_weights=True)
     allowed.check_local_weights()
     t = CTCTranscriber(allowed, device="cpu")
-    ref = Reference(group_model)
+    ref = Reference.from_pretrained(group_model)
     batch = _utterances(5, 3)
     assert t.transcribe(batch) == [ref(w) for w in batch]
 
@@ -310,7 +327,7 @@ def test_a_checkpoint_whose_processor_decodes_with_an_lm_loads_and_decodes_greed
     batch = _utterances(6, 3)
     got = CTCTranscriber(ModelSpec(str(folder)), device="cpu").transcribe(batch)
     assert got == CTCTranscriber(ModelSpec(str(group_model)), device="cpu").transcribe(batch)
-    assert got == [Reference(group_model)(w) for w in batch]
+    assert got == [Reference.from_pretrained(group_model)(w) for w in batch]
 
 
 @pytest.mark.parametrize("model", ["demo", "base-shape"])
@@ -322,7 +339,7 @@ def test_positional_conv_runs_in_bf16_only_where_this_cpu_computes_it_right(mode
     from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
 
     from pipeline.bundled import model_path
-    from pipeline.model import POSITIONAL_CONV_TOLERANCE, guard_positional_conv
+    from pipeline.model.loading import POSITIONAL_CONV_TOLERANCE, guard_positional_conv
 
     torch.manual_seed(0)
     if model == "demo":
@@ -350,7 +367,7 @@ def test_positional_conv_runs_in_bf16_only_where_this_cpu_computes_it_right(mode
 def test_a_positional_conv_the_probe_cannot_call_stays_in_fp32():
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-    from pipeline.model import guard_positional_conv
+    from pipeline.model.loading import guard_positional_conv
 
     ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32, num_hidden_layers=1, intermediate_size=64,
                                         hidden_size=64, num_attention_heads=2)).eval()
@@ -367,7 +384,7 @@ def test_linear_weights_cast_once_give_autocasts_logits_bit_for_bit(dtype):
     """Autocast casts each linear weight on every forward; storing them cast changes no logit."""
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-    from pipeline.model import cast_linear_weights
+    from pipeline.model.loading import cast_linear_weights
 
     torch.manual_seed(0)
     ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=32, num_hidden_layers=2, intermediate_size=128,
@@ -380,7 +397,8 @@ def test_linear_weights_cast_once_give_autocasts_logits_bit_for_bit(dtype):
 
     before = logits()
     assert cast_linear_weights(ctc, dtype) == 2 * 4 + 2 * 2 + 2  # attention, feed-forward, projection, head
-    assert ctc.lm_head.weight.dtype == dtype and ctc.base_model.feature_projection.layer_norm.weight.dtype == torch.float32
+    assert ctc.lm_head.weight.dtype == dtype
+    assert ctc.base_model.feature_projection.layer_norm.weight.dtype == torch.float32
     assert torch.equal(logits(), before)
 
 
@@ -395,7 +413,7 @@ def test_release_free_heap_gives_a_replica_heaps_free_pages_back():
     """Under the replicas' glibc settings a freed block stays resident until the heap is trimmed."""
     script = """
 import numpy as np
-from pipeline.model import release_free_heap
+from pipeline.memory import release_free_heap
 def anon():
     return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) >> 10
 big = np.ones(300 << 20, np.uint8)

@@ -1,7 +1,7 @@
 """Killed processes lose no row: a SIGKILLed driver resumes, a killed inference actor is replaced.
 
-Both runs are slowed by files that hang the decoder until ``decode.timeout_s`` (the isolated
-decoder's test hook, see ``pipeline.isolation``), so there is time to kill something mid-run.
+Both runs are slowed by files that hang the decoder until ``decode.timeout_s`` (the test-only
+decode function, ``faulty_decoder``), so there is time to kill something mid-run.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fault_zoo import HANG_MARKER
+from faulty_decoder import FUNCTION, HANG_MARKER
 from helpers import start_transcribe, write_tone_clips
+
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import MANIFEST_FILE, SUMMARY_FILE, WORK_DIR, JobError, read_output, run_job
-from pipeline.stages import SHARD_PREFIX
+from pipeline.engine import run_job
+from pipeline.errors import ErrorKind, JobError
+from pipeline.output import MANIFEST_FILE, SHARD_PREFIX, SUMMARY_FILE, WORK_DIR, read_output
 
-SETTINGS = ["decode.timeout_s=2", "decode.rows_per_task=3", "output.rows_per_shard=3",
+pytestmark = pytest.mark.integration  # a real local Ray cluster
+
+SETTINGS = [f"decode.function={FUNCTION}", "decode.timeout_s=2", "decode.rows_per_task=3", "output.rows_per_shard=3",
             "inference.rows_per_call=3", "ray.progress_bars=false"]
 
 
@@ -96,7 +99,7 @@ def test_sigkilled_driver_resumes_and_a_finished_run_writes_nothing(tmp_path):
     assert second.returncode == 0, stderr[-3000:]
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["resumed"] and summary["rows_out"] == len(ids) and summary["lost"] == summary["duplicated"] == 0
-    assert summary["errors_by_kind"] == {S.ErrorKind.TIMEOUT: 5}
+    assert summary["errors_by_kind"] == {ErrorKind.TIMEOUT: 5}
     assert_each_id_once(out, ids)
     print(f"\nkilled after {done_before} of {len(ids)} rows; the rerun wrote the other {len(ids) - done_before}")
 

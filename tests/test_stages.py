@@ -1,21 +1,31 @@
-"""The transcribe stage on Arrow tables, without Ray: batches started ahead, failures row by row."""
+"""The decode and transcribe steps on Arrow tables, without Ray: stand-in transcribers injected,
+real files decoded; one test with the real model code in the stage."""
 
 import re
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import soundfile as sf
+from faulty_decoder import CRASH_MARKER, FUNCTION
 
-from helpers import Reference
 from pipeline import schema as S
-from pipeline.audio import normalize
-from pipeline.checkpoint import ModelSpec
-from pipeline.stages import TranscribeStage, _audio_column, _waves
+from pipeline.audio import decode, normalize
+from pipeline.batching import plan_batches
+from pipeline.config import AudioConfig, DecodeConfig, InferenceConfig, InputConfig
+from pipeline.decode import DecodeStage
+from pipeline.errors import ErrorKind, Stage
+from pipeline.model.reference import Reference
+from pipeline.model.spec import FrontEnd, ModelSpec
+from pipeline.model.transcriber import CTCTranscriber
+from pipeline.transcribe import TranscribeStage
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
 BAD_START, BAD_FINISH = 30_000, 8_500  # rows whose (two-row) batch fails when started / when finished
+METADATA = {"model": "m"}
 
 
 def _decoded_table(waves: list[np.ndarray]) -> pa.Table:
@@ -24,54 +34,159 @@ def _decoded_table(waves: list[np.ndarray]) -> pa.Table:
         S.ID: [f"u{i}" for i in range(n)], S.PATH: [f"/corpus/u{i}.flac" for i in range(n)],
         S.REFERENCE: [None] * n, S.DURATION_S: [len(w) / 16_000 for w in waves], S.SAMPLE_RATE: [16_000] * n,
         S.NUM_CHANNELS: [1] * n, S.ERROR_KIND: [None] * n, S.ERROR: [None] * n, S.ERROR_STAGE: [None] * n,
-        S.NUM_SAMPLES: [len(w) for w in waves], S.AUDIO: _audio_column(waves),
+        S.NUM_SAMPLES: [len(w) for w in waves], S.AUDIO: S.audio_column(waves),
     }
     return pa.table(cols, schema=S.DECODED_SCHEMA)
 
 
-def test_batches_start_ahead_and_a_failing_row_fails_alone(group_model, caplog):
-    """The stage starts each batch before it finishes the one ahead (on a GPU the host decodes
-    while the GPU runs); a batch whose start or finish raises is retried row by row, so only the
-    row that fails alone becomes an ``inference_error`` row, and every other row is the reference's.
-    The table comes in sliced chunks, as Ray Data hands a replica one per decode task's block."""
-    rng = np.random.default_rng(0)
-    waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
-    stage = TranscribeStage(ModelSpec(str(group_model)), max_batch_samples=100_000, device="cpu")
-    transcriber, calls = stage.transcriber, []
-    start, finish = transcriber.start, transcriber.finish
-
-    def failing_start(batch):
-        calls.append(("start", sorted(len(w) for w in batch)))
-        if BAD_START in [len(w) for w in batch]:
-            raise RuntimeError("CUDA out of memory (injected)")
-        return start(batch)
-
-    def failing_finish(started):
-        calls.append(("finish", len(started.frames)))
-        if transcriber.frames([BAD_FINISH])[0] in started.frames:
-            raise ValueError("undecodable ids (injected)")
-        return finish(started)
-
-    transcriber.start, transcriber.finish = failing_start, failing_finish
-    table = _decoded_table(waves)
+def _chunked(table: pa.Table) -> pa.Table:
+    """The table in sliced chunks, as Ray Data hands a replica one per decode task's block."""
     chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 4), table.slice(6)])
     assert chunked[S.AUDIO].num_chunks == 3
-    views = _waves(chunked[S.AUDIO])  # the stage reads each row in place, in its chunk's buffer
+    return chunked
+
+
+class LengthTranscriber:
+    """A stand-in replica: each row's text names its length; a batch holding a row of a length in
+    ``bad`` fails. Records every batch it was given."""
+
+    min_samples = 400
+
+    def __init__(self, bad: Sequence[int] = ()):
+        self.bad = set(bad)
+        self.batches: list[list[int]] = []
+        self.released = 0
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]):
+        for waves in batches:
+            lengths = [len(w) for w in waves]
+            self.batches.append(lengths)
+            yield ValueError(f"bad batch {lengths}") if self.bad & set(lengths) else [f"n{n}" for n in lengths]
+
+    def release_memory(self) -> None:
+        self.released += 1
+
+
+def test_transcribe_stage_plans_batches_and_a_failing_row_fails_alone(caplog):
+    waves = [np.full(n, 0.1, np.float32) for n in LENGTHS]
+    table = _decoded_table(waves)
+    table = table.set_column(table.schema.get_field_index(S.ERROR_KIND), S.ERROR_KIND,
+                             pa.array([*[None] * 8, "decode_error"], pa.string()))
+    fake = LengthTranscriber(bad=[BAD_START, BAD_FINISH])
+    inference = InferenceConfig(max_batch_samples=100_000)
+    stage = TranscribeStage(lambda: fake, inference, "m", METADATA)
+    out = stage(_chunked(table)).to_pylist()
+
+    assert [r[S.ID] for r in out] == [f"u{i}" for i in range(len(LENGTHS))]
+    for row, n in zip(out, LENGTHS, strict=True):
+        if n == 2_000:  # an error row from decode passes through untouched
+            assert (row[S.ERROR_KIND], row[S.ERROR_STAGE], row[S.TRANSCRIPT]) == ("decode_error", None, None)
+        elif n == 300:
+            assert row[S.ERROR_KIND] == ErrorKind.TOO_SHORT and row[S.ERROR_STAGE] == Stage.TRANSCRIBE
+            assert row[S.ERROR] == ("too_short: /corpus/u2.flac: 300 samples after resampling, "
+                                    "the model needs at least 400")
+        elif n in (BAD_START, BAD_FINISH):
+            assert row[S.ERROR_KIND] == ErrorKind.INFERENCE_ERROR and row[S.ERROR_STAGE] == Stage.TRANSCRIBE
+            assert row[S.ERROR] == f"inference_error: {row[S.PATH]}: ValueError: bad batch [{n}]"
+        else:
+            assert row[S.ERROR_KIND] is None and row[S.TRANSCRIPT] == f"n{n}" and row[S.PADDED_SAMPLES] >= n
+        assert row[S.MODEL] == "m" and row[S.NUM_SAMPLES] == n
+    # The call's batches as planned (longest first, under the budget), a failed one retried row by row.
+    todo = [n for n in LENGTHS if n not in (300, 2_000)]
+    expected = []
+    for batch in plan_batches(todo, 100_000, inference.max_padding_waste):
+        expected.append([todo[i] for i in batch])
+        if len(batch) > 1 and {BAD_START, BAD_FINISH} & set(expected[-1]):
+            expected += [[n] for n in expected[-1]]
+    assert fake.batches == expected and any(len(b) > 1 for b in expected)
+    assert all(len(b) * max(b) <= 100_000 for b in expected)
+    assert caplog.text.count("retrying them one at a time") == 2
+    assert fake.released == 1
+
+
+def test_the_audio_column_is_read_in_place():
+    """The stage reads each row as a view of its chunk's buffer: no sample is copied."""
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(n).astype(np.float32) for n in LENGTHS]
+    chunked = _chunked(_decoded_table(waves))
+    views = S.audio_views(chunked[S.AUDIO])
     buffers = [chunk.values.to_numpy() for chunk in chunked[S.AUDIO].chunks for _ in range(len(chunk))]
     assert all(np.array_equal(v, w) and np.shares_memory(v, b) for v, w, b in zip(views, waves, buffers, strict=True))
-    out = stage(chunked).to_pylist()
 
-    ref = Reference(group_model)
-    assert [r[S.ID] for r in out] == [f"u{i}" for i in range(len(LENGTHS))]
+
+def _manifest(rows: list[tuple[str, str, bytes | None]]) -> pa.Table:
+    return pa.table({S.ID: [r[0] for r in rows], S.PATH: [r[1] for r in rows], S.AUDIO_BYTES: [r[2] for r in rows],
+                     S.REFERENCE: [None] * len(rows)}, schema=S.MANIFEST_SCHEMA)
+
+
+def test_decode_stage_decodes_each_row_or_names_its_error(tmp_path):
+    rate, wave = 8_000, np.sin(np.arange(8_000) / 7).astype(np.float32)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sf.write(corpus / "a.wav", wave, rate)
+    (corpus / f"{CRASH_MARKER}.wav").write_bytes((corpus / "a.wav").read_bytes())
+    sf.write(tmp_path / "outside.wav", wave, rate)
+    table = _manifest([("a", str(corpus / "a.wav"), None), ("bytes", "mem.wav", (corpus / "a.wav").read_bytes()),
+                       ("missing", str(corpus / "b.wav"), None), ("outside", str(tmp_path / "outside.wav"), None),
+                       ("crash", str(corpus / f"{CRASH_MARKER}.wav"), None)])
+    stage = DecodeStage(FrontEnd(16_000, True), InputConfig(allowed_roots=[str(corpus)]), AudioConfig(),
+                        DecodeConfig(function=FUNCTION, max_attempts=1))
+    out = stage(table)
+    assert out.schema == S.DECODED_SCHEMA
+    rows = {r[S.ID]: r for r in out.to_pylist()}
+    expected = decode(str(corpus / "a.wav")).audio
+    for row_id in ("a", "bytes"):
+        assert np.array_equal(np.asarray(rows[row_id][S.AUDIO], np.float32), expected)
+        assert (rows[row_id][S.SAMPLE_RATE], rows[row_id][S.NUM_SAMPLES], rows[row_id][S.ERROR]) == (rate, 16_000, None)
+    errors = [(rows[i][S.ERROR_KIND], rows[i][S.ERROR_STAGE], rows[i][S.NUM_SAMPLES])
+              for i in ("missing", "outside", "crash")]
+    assert errors == [("not_found", "decode", 0), ("not_allowed", "decode", 0), ("worker_crash", "decode", 0)]
+    assert rows["outside"][S.ERROR].startswith(f"not_allowed: {tmp_path / 'outside.wav'}: resolves to")
+
+
+class StartsAheadTranscriber(CTCTranscriber):
+    """The real model code, recording its calls; a batch holding a BAD_START row fails when started,
+    one holding a BAD_FINISH row when finished."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def start(self, waves):
+        self.calls.append(("start", sorted(len(w) for w in waves)))
+        if BAD_START in [len(w) for w in waves]:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return super().start(waves)
+
+    def finish(self, started):
+        self.calls.append(("finish", len(started.frames)))
+        if self.frames([BAD_FINISH])[0] in started.frames:
+            raise ValueError("undecodable ids (injected)")
+        return super().finish(started)
+
+
+def test_the_real_model_code_starts_batches_ahead_and_a_failing_row_fails_alone(group_model, caplog):
+    """The stage with the replica's model code: each batch starts before the one ahead finishes (on a
+    GPU the host decodes while the GPU runs); a batch whose start or finish raises is retried row by
+    row, so only the row that fails alone becomes an ``inference_error`` row, and every other row is
+    the reference's."""
+    rng = np.random.default_rng(0)
+    waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
+    transcriber = StartsAheadTranscriber(ModelSpec(str(group_model)), device="cpu")
+    stage = TranscribeStage(lambda: transcriber, InferenceConfig(max_batch_samples=100_000), "m", METADATA)
+    out = stage(_chunked(_decoded_table(waves))).to_pylist()
+
+    ref = Reference.from_pretrained(group_model)
     for row, n, wave in zip(out, LENGTHS, waves, strict=True):
         if n == 300:
-            assert row[S.ERROR_KIND] == S.ErrorKind.TOO_SHORT and row[S.TRANSCRIPT] is None
+            assert row[S.ERROR_KIND] == ErrorKind.TOO_SHORT and row[S.TRANSCRIPT] is None
         elif n in (BAD_START, BAD_FINISH):
-            assert row[S.ERROR_KIND] == S.ErrorKind.INFERENCE_ERROR and row[S.ERROR_STAGE] == S.STAGE_TRANSCRIBE
+            assert row[S.ERROR_KIND] == ErrorKind.INFERENCE_ERROR and row[S.ERROR_STAGE] == Stage.TRANSCRIBE
             assert row[S.PATH] in row[S.ERROR] and "(injected)" in row[S.ERROR] and row[S.TRANSCRIPT] is None
         else:
             assert row[S.ERROR_KIND] is None and row[S.TRANSCRIPT] == ref(wave), n
             assert row[S.PADDED_SAMPLES] >= n
+    calls = transcriber.calls
     # Batch k + 1 starts before batch k finishes: starts and finishes alternate after the first start.
     planned = [c for c in calls if c[0] == "start" and len(c[1]) > 1]
     assert len(planned) >= 3 and calls[0][0] == calls[1][0] == "start" and calls[2][0] == "finish"
@@ -82,10 +197,14 @@ def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):
     """Ray workers start with logging's defaults (warnings only); given the driver's level, the
     replica says what it loaded and how long that took on stderr, which Ray forwards to the driver.
     A fresh interpreter, as a Ray worker is."""
-    code = ("import logging; from pipeline.checkpoint import ModelSpec; from pipeline.stages import TranscribeStage; "
-            f"TranscribeStage(ModelSpec({str(group_model)!r}), 100_000, device='cpu', log_level=logging.INFO)")
+    code = ("import logging; from pipeline.config import InferenceConfig; "
+            "from pipeline.model.spec import ModelSpec, TranscriberLoader; "
+            "from pipeline.transcribe import TranscribeStage; "
+            f"TranscribeStage(TranscriberLoader(ModelSpec({str(group_model)!r}), InferenceConfig(device='cpu'), 1), "
+            "InferenceConfig(), 'm', {}, log_level=logging.INFO)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent, check=True)
-    assert re.search(r"INFO pipeline\.model: loaded .* on cpu \(fp32, .*batch-invariant: True", run.stderr)
-    assert re.search(r"INFO pipeline\.stages: replica ready in [\d.]+ s \(torch and transformers imported in "
-                     r"[\d.]+ s, the model loaded and probed in [\d.]+ s\)", run.stderr)
+    assert re.search(r"INFO pipeline\.model\.spec: torch and transformers imported in [\d.]+ s", run.stderr)
+    assert re.search(r"INFO pipeline\.model\.transcriber: loaded .* on cpu \(fp32, 1 threads, .*batch-invariant: True",
+                     run.stderr)
+    assert re.search(r"INFO pipeline\.transcribe: replica ready in [\d.]+ s", run.stderr)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import demo_model
+from pipeline.model.reference import Reference
+from tools import demo_model
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "jobs" / "train_demo_model.py"
 MODEL_DIR = REPO / "pipeline" / "models" / "demo-wav2vec2"
 HELDOUT = REPO / "pipeline" / "heldout" / "manifest.csv"
 MAX_HELDOUT_CER_16K = 0.035  # measured 2.77%; see pipeline/models/demo-wav2vec2/TRAINING.md
@@ -43,7 +43,7 @@ def test_training_script_runs(tmp_path: Path) -> None:
     _require_espeak()
     out = tmp_path / "model"
     cmd = [
-        sys.executable, str(SCRIPT), "train", "--out", str(out), "--steps", "3",
+        sys.executable, "-m", "tools.train_demo_model", "train", "--out", str(out), "--steps", "3",
         "--num-utterances", "12", "--num-dev", "3", "--batch-size", "4", "--warmup-steps", "2",
         "--workdir", str(tmp_path / "work"), "--processes", "1", "--threads", "2",
         "--eval-every", "0", "--log-every", "1", "--loader-workers", "2", "--extended-voices",
@@ -125,7 +125,7 @@ def test_committed_model_transcribes_heldout_16k() -> None:
     """Reference path: processor(audio) -> model -> argmax -> batch_decode, one clip at a time."""
     rows = [r for r in demo_model.read_manifest(HELDOUT) if r["condition"] == "16k"]
     audios = [demo_model.load_for_reference(HELDOUT.parent / r["path"]) for r in rows]
-    hyps = demo_model.reference_transcribe(MODEL_DIR, audios)
+    hyps = Reference.from_pretrained(MODEL_DIR).transcribe(audios)
     cer, wer = demo_model.error_rates([r["text"] for r in rows], hyps)
     print(f"demo model on {len(rows)} held-out 16 kHz clips: CER {cer:.2%}, WER {wer:.2%}")
-    assert cer <= MAX_HELDOUT_CER_16K, (cer, list(zip([r["text"] for r in rows], hyps)))
+    assert cer <= MAX_HELDOUT_CER_16K, (cer, list(zip([r["text"] for r in rows], hyps, strict=True)))

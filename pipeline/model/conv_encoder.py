@@ -1,17 +1,13 @@
 """The wav2vec2 family's conv feature encoder as matmuls, channels-last. Pure torch.
 
-Two layouts of the same products, one per device kind:
+Two layouts of the same products, one per device kind (why: docs/design.md, "The matmul conv encoder"):
 
-* :class:`MatmulFeatureEncoder`, for CPUs in reduced precision. There ``nn.Conv1d`` (oneDNN) can
-  run these layers far below the machine's matmul speed: with bf16 on an Intel CPU with AMX the
-  512→512 kernel-3 stride-2 layer ran at a third of the speed of the same product as one matmul
-  over overlapping windows, and the encoder took ~70 % of the whole forward pass (on an AMD CPU
-  without AMX both encoders ran alike). Each row goes through the whole stack a few hundred
-  output frames at a time, so no layer's output for a whole batch is ever held.
-* :class:`BatchedMatmulFeatureEncoder`, for GPUs. There the stock encoder's cuDNN convs took 80 %
-  of a warm bf16 forward pass of wav2vec2-base on an H200 (torch profiler), for about a third of
-  its arithmetic, and every new batch shape paid for new cuDNN plans. Here each layer is two or
-  three large matrix products over the whole batch, laid end to end.
+* :class:`MatmulFeatureEncoder`, for CPUs in reduced precision, where oneDNN's ``nn.Conv1d`` can
+  run these layers far below the machine's matmul speed. Each row goes through the whole stack a
+  few hundred output frames at a time, so no layer's output for a whole batch is ever held.
+* :class:`BatchedMatmulFeatureEncoder`, for GPUs, where cuDNN's convs dominate a bf16 forward and
+  pay for new plans at every new batch shape. Each layer is two or three large matrix products over
+  the whole batch, laid end to end.
 
 Each layer is matrix products over views of the channels-last input (no im2col copy), and the
 raw-audio layer's group norm is folded into its kernel. Same weights and, but for the raw-audio
@@ -20,13 +16,14 @@ under autocast: convs in the compute dtype, norms in fp32, each activation in th
 layer gives it.
 
 For GPUs also :class:`MatmulPositionalConv`, the transformer encoder's grouped positional conv as
-products (its windows are copied, a block at a time): with the feature encoder as products,
-cuDNN's grouped conv still took 80% of an H200's bf16 forward.
+products (its windows are copied, a block at a time).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +34,14 @@ def conv_output_frames(samples: int | torch.Tensor, kernel: int, stride: int) ->
     the kernel): an int for an int, a tensor for an integer tensor."""
     frames = (samples - kernel) // stride + 1
     return frames.clamp(min=0) if isinstance(frames, torch.Tensor) else max(0, frames)
+
+
+def receptive_field(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> int:
+    """Fewest input samples that give one output frame of a conv stack."""
+    field = 1
+    for kernel, stride in zip(reversed(conv_kernel), reversed(conv_stride), strict=True):
+        field = (field - 1) * stride + kernel
+    return field
 
 
 class UnsupportedEncoder(ValueError):
@@ -55,8 +60,7 @@ def _norm_kind(layer: torch.nn.Module, out_channels: int) -> str:
 
 
 # The stack's output frames computed at once: ~10 s of 16 kHz audio, 33k frames of the first layer
-# (67 MB in fp32 at 512 channels). Inside the job on the 2-core CPU 512 ran ~5% faster than whole
-# layers; 64 and 128 paid more in per-chunk overhead and smaller products than they saved.
+# (67 MB in fp32 at 512 channels); small enough to stay out of fresh pages, large enough for big products.
 CHUNK_FRAMES = 512
 
 
@@ -142,13 +146,12 @@ def fold_group_norm(layer: _Layer, audio: torch.Tensor, valid: torch.Tensor) -> 
     so its mean and variance over a row are ``w·ū + b`` and ``wᵀΣw``, from the windows' mean
     ``ū`` and ``k × k`` covariance ``Σ`` (float64 here, more exact than fp32 sums over 10⁵
     frames). The norm is then one affine map per channel, ``a·x + c``, which the kernel and
-    bias absorb: the layer is one product and the activation, where the norm written out
-    (mean, centred squares, scale) made five passes over a 512-channel fp32 tensor and took
-    three times as long as the conv on a CPU.
+    bias absorb: the layer is one product and the activation, instead of the norm written out
+    (mean, centred squares, scale): five passes over a 512-channel fp32 tensor.
     """
     norm = layer.norm
     frames = int(valid.max())  # valid on the CPU: no wait for the GPU here
-    # A row too short for a frame gets a finite kernel no one reads; non_blocking: see CTCTranscriber.logits.
+    # A row too short for a frame gets a finite kernel no one reads; non_blocking: no wait for the GPU.
     valid = valid.clamp(min=1).to(audio.device, non_blocking=True)
     u = audio.as_strided((audio.shape[0], frames, layer.kernel), (audio.stride(0), layer.stride, 1)).double()
     inside = (torch.arange(frames, device=audio.device) < valid[:, None]).double()[..., None]
@@ -164,7 +167,7 @@ def fold_group_norm(layer: _Layer, audio: torch.Tensor, valid: torch.Tensor) -> 
 
 
 class _MatmulEncoder(torch.nn.Module):
-    """What both layouts share: the checked layers and :attr:`lengths`."""
+    """What both layouts share: the checked layers and the rows' valid lengths (:meth:`valid_lengths`)."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
@@ -177,7 +180,16 @@ class _MatmulEncoder(torch.nn.Module):
             raise UnsupportedEncoder("the first conv layer does not take one channel of raw audio")
         if any(layer.norm_kind == "group" for layer in self.layers[1:]):
             raise UnsupportedEncoder("a group norm after the raw-audio layer")
-        self.lengths: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
+
+    @contextmanager
+    def valid_lengths(self, samples: torch.Tensor) -> Iterator[None]:
+        """Forwards in this block take row ``i`` to hold ``samples[i]`` valid samples (batch invariance)."""
+        self._lengths = samples
+        try:
+            yield
+        finally:
+            self._lengths = None
 
     def _frames(self, samples: int) -> int:
         """The stack's output frames for ``samples`` input samples."""
@@ -186,11 +198,11 @@ class _MatmulEncoder(torch.nn.Module):
         return samples
 
     def _valid(self, rows: int, samples: int) -> torch.Tensor:
-        """Each row's valid frames of the raw-audio layer: all of them without :attr:`lengths`."""
+        """Each row's valid frames of the raw-audio layer: all of them outside :meth:`valid_lengths`."""
         first = self.layers[0]
-        if self.lengths is None:
+        if self._lengths is None:
             return torch.full((rows,), first.frames(samples))
-        return conv_output_frames(torch.as_tensor(self.lengths), first.kernel, first.stride)
+        return conv_output_frames(torch.as_tensor(self._lengths), first.kernel, first.stride)
 
 
 def _compute_dtype(x: torch.Tensor) -> tuple[str, torch.dtype]:
@@ -203,20 +215,20 @@ class MatmulFeatureEncoder(_MatmulEncoder):
     """Drop-in for a wav2vec2-family ``FeatureEncoder`` (``conv_layers`` of conv → norm → activation)
     on CPUs.
 
-    ``forward(input_values (B, L)) → (B, C, T)`` like the stock encoder. Set :attr:`lengths`
-    (valid samples per row) for batch invariance: a group norm then takes its statistics from
-    each row's valid frames alone and padded frames are zeros, as
-    :class:`pipeline.model.ValidFramesGroupNorm` does for the stock layers. Raises
+    ``forward(input_values (B, L)) → (B, C, T)`` like the stock encoder. Inside :meth:`valid_lengths`
+    a group norm takes its statistics from each row's valid frames alone and padded frames are zeros,
+    as :class:`pipeline.model.invariance.ValidFramesGroupNorm` does for the stock layers. Raises
     :class:`UnsupportedEncoder` for layers it does not know.
 
-    Each row goes through the whole stack ``CHUNK_FRAMES`` output frames at a time, every layer
+    Each row goes through the whole stack ``chunk_frames`` output frames at a time, every layer
     computing just the frames the next one needs (neighbouring windows overlap by a few frames,
-    computed twice): no layer's output for a whole batch is ever held. Layer by layer, the first
-    layer's output alone was 330 MB of bf16 for a batch of 100 s of audio; a CPU replica, which
-    hands its free heap back after each call, touched such pages afresh every call, and inside
-    the job the kernel's page faults (zeroing them) took 9 s of its CPU time on 30 minutes of
-    audio, 5.5 s chunked (page faults 0.77 M → 0.54 M; its calls ~5% faster, two pairs of runs).
+    computed twice): no layer's output for a whole batch is ever held, so a CPU replica, which hands
+    its free heap back after each call, touches far fewer fresh pages.
     """
+
+    def __init__(self, encoder: torch.nn.Module, chunk_frames: int = CHUNK_FRAMES):
+        super().__init__(encoder)
+        self.chunk_frames = chunk_frames
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         device, dtype = _compute_dtype(input_values)
@@ -231,8 +243,8 @@ class MatmulFeatureEncoder(_MatmulEncoder):
                 if first.norm_kind == "group" and n:
                     kernel, shift = fold_group_norm(first, audio[row : row + 1], torch.tensor([n]))
                     fold = kernel[0], shift[0]
-                for start in range(0, frames, CHUNK_FRAMES):
-                    stop = min(frames, start + CHUNK_FRAMES)
+                for start in range(0, frames, self.chunk_frames):
+                    stop = min(frames, start + self.chunk_frames)
                     out[row, start:stop] = self._chunk(audio[row], start, stop, n, fold, dtype)
         return out.transpose(1, 2)
 
@@ -262,7 +274,7 @@ class MatmulFeatureEncoder(_MatmulEncoder):
 
 class BatchedMatmulFeatureEncoder(_MatmulEncoder):
     """Drop-in for a wav2vec2-family ``FeatureEncoder`` on GPUs: the same contract as
-    :class:`MatmulFeatureEncoder` (``lengths``, output, exceptions), but the batch's rows are laid
+    :class:`MatmulFeatureEncoder` (:meth:`valid_lengths`, output, exceptions), but the batch's rows are laid
     end to end and each layer runs over all of them at once.
 
     Rows are zero-padded to a multiple of the stack's total stride (320 samples for wav2vec2), so
@@ -313,16 +325,14 @@ class MatmulPositionalConv(torch.nn.Module):
     :class:`UnsupportedEncoder` for a module with more than conv, padding and activation (e.g.
     HuBERT's batch-norm variant, Data2VecAudio's stack of convs).
 
-    On an H200 cuDNN ran wav2vec2-base's (768 channels in 16 groups, kernel 128) with generic
-    kernels that took 80% of a bf16 forward's GPU time once the feature encoder no longer used
-    cuDNN. Here the rows are laid end to end with their zero padding between them, and each
-    group's windows (``k * C/g`` consecutive numbers of the group-major input) are copied a block
-    of frames at a time and multiplied by the group's kernel: one product per block, accumulated
-    in fp32 inside the matmul and rounded once, as a conv is. Windows that straddle two rows are
+    The rows are laid end to end with their zero padding between them, and each group's windows
+    (``k * C/g`` consecutive numbers of the group-major input) are copied a block of frames at a time
+    and multiplied by the group's kernel: one product per block, accumulated in fp32 inside the
+    matmul and rounded once, as a conv is. Windows that straddle two rows are
     computed and dropped.
     """
 
-    def __init__(self, embedding: torch.nn.Module):
+    def __init__(self, embedding: torch.nn.Module, block_frames: int = POSITIONAL_BLOCK_FRAMES):
         super().__init__()
         conv = getattr(embedding, "conv", None)
         extra = {name for name, _ in embedding.named_children()} - {"conv", "padding", "activation"}
@@ -338,6 +348,7 @@ class MatmulPositionalConv(torch.nn.Module):
         self.kernel, self.groups, self.pad = kernel, conv.groups, kernel // 2
         self.remove = embedding.padding.num_pad_remove
         self.activation = embedding.activation
+        self.block_frames = block_frames
         self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -368,8 +379,8 @@ class MatmulPositionalConv(torch.nn.Module):
             out = torch.zeros(groups, rows * span, kernel.shape[2], dtype=dtype, device=x.device)
             if bias is not None:
                 out[:, :outputs] = bias.view(groups, 1, -1)
-            for start in range(0, outputs, POSITIONAL_BLOCK_FRAMES):
-                n = min(POSITIONAL_BLOCK_FRAMES, outputs - start)
+            for start in range(0, outputs, self.block_frames):
+                n = min(self.block_frames, outputs - start)
                 windows = x.as_strided((groups, n, kernel.shape[1]), (x.stride(0), width, 1),
                                        x.storage_offset() + start * width)
                 out[:, start : start + n].baddbmm_(windows.contiguous(), kernel)  # bias added before the one rounding

@@ -1,22 +1,31 @@
-"""What the driver knows of a checkpoint and of the replicas that load it, without torch.
+"""What the driver knows of a checkpoint without importing torch: where it comes from
+(:class:`ModelSpec`), its feature extractor's settings (:func:`load_front_end`), and how a replica
+loads it (:class:`TranscriberLoader`).
 
-Where the checkpoint comes from (:class:`ModelSpec`), its feature extractor's settings
-(:func:`load_front_end`) and the CPU replicas' process settings (:data:`CPU_REPLICA_ENV`).
-``pipeline.model``, the replicas' code, imports torch and transformers' models: ~2.5 s and ~300 MB
-that the driver does without (2-core CPU: the demo job's driver imported for 3.5-3.8 s before).
+The rest of ``pipeline.model`` imports torch and transformers' models, seconds of imports and
+hundreds of MB that the driver and the decode workers do without.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import Wav2Vec2FeatureExtractor
 from transformers.feature_extraction_utils import FeatureExtractionMixin
 from transformers.utils import cached_file
 
 from pipeline import bundled
+from pipeline.config import InferenceConfig
+
+if TYPE_CHECKING:
+    from pipeline.model.transcriber import CTCTranscriber
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,27 +104,18 @@ def _reads_as_wav2vec2(spec: ModelSpec, settings: dict) -> bool:
         return False
 
 
-# Settings for CPU replica processes, as environment variables, read when the process starts or
-# when the library first needs them.
-# glibc: read before any thread exists (``mallopt`` later does not reach the arenas of threads
-# already running, and Ray calls a replica from a pool thread). Without them glibc gives every block
-# over 32 MiB back to the kernel and maps the next one afresh, so each large activation of a CPU
-# forward pass is paid for again in page faults: inside the job on the 2-core CPU the replica's bf16
-# forward passes ran ~12% faster with these (one pair of runs; alone, the chunked matmul encoder runs
-# as fast without them). The heap keeps its high-water mark and never shrinks: a process whose
-# allocations vary widely in size can fragment it (the benchmark's seed path grew to 24 GB on 30
-# minutes of audio), so this is for the replicas, which hand the free pages back after each call
-# (:meth:`pipeline.model.CTCTranscriber.release_memory`).
-# oneDNN and ideep (PyTorch's wrapper of it) each keep what they build per matmul shape, up to 1024
-# entries by default, and nearly every batch has shapes of its own, a dozen or so per forward pass:
-# a bf16 wav2vec2-base replica's live heap grew by ~330 MB over the first 80 batches of distinct
-# lengths and its heap by ~1.2 GB. With both at 64 the live heap stays within ~70 MB of its start
-# and the speed is the same (the shapes rarely repeat, so few lookups hit either way).
-CPU_REPLICA_ENV = {
-    "MALLOC_ARENA_MAX": "1",  # one heap for all threads: a thread's own arena maps large blocks anyway
-    "MALLOC_MMAP_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
-    "LRU_CACHE_CAPACITY": "64",  # ideep's cache
-}
+@dataclass(frozen=True)
+class TranscriberLoader:
+    """Picklable: what a replica calls to load its :class:`~pipeline.model.transcriber.CTCTranscriber`
+    (torch is imported there, in the replica, not where this is built)."""
+
+    spec: ModelSpec
+    inference: InferenceConfig
+    threads: int
+
+    def __call__(self) -> CTCTranscriber:
+        started = time.perf_counter()
+        from pipeline.model.transcriber import CTCTranscriber
+
+        log.info("torch and transformers imported in %.1f s", time.perf_counter() - started)
+        return CTCTranscriber.from_config(self.spec, self.inference, self.threads)

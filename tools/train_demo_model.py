@@ -1,24 +1,21 @@
 """Train the small offline demo model, write its held-out set, or evaluate it.
 
-    python jobs/train_demo_model.py train --out pipeline/models/demo-wav2vec2 --minutes 28
-    python jobs/train_demo_model.py heldout --out pipeline/heldout
-    python jobs/train_demo_model.py evaluate --model pipeline/models/demo-wav2vec2 \
+    python -m tools.train_demo_model train --out pipeline/models/demo-wav2vec2 --minutes 28
+    python -m tools.train_demo_model heldout --out pipeline/heldout
+    python -m tools.train_demo_model evaluate --model pipeline/models/demo-wav2vec2 \
         --manifest pipeline/heldout/manifest.csv
 
-The logic lives in ``pipeline.demo_model``; this file only parses arguments.
+The logic lives in ``tools.demo_model``; this file only parses arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import demo_model  # noqa: E402
+from tools import demo_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,7 @@ Run once by a developer (needs espeak-ng); the clips and manifest are committed,
 demo needs no download. Some clips are stored at other rates or in stereo on purpose, to
 exercise resampling and downmixing.
 
-    python -m jobs.make_sample
+    python -m tools.make_sample
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipeline.synth import synthesize
+from tools.synth import synthesize
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "sample"
 

@@ -6,8 +6,8 @@ conv front end with ``feat_extract_norm="group"``, transformer encoder, characte
 exactly base-960h's 32-token vocabulary), synthesises English speech with espeak-ng, trains, and
 saves the model with its processor so ``from_pretrained(folder)`` loads it like a hub model.
 
-Everything here is library code; ``jobs/train_demo_model.py`` is the thin command line over it.
-Nothing here is imported by the transcription job itself.
+``tools/train_demo_model.py`` is the thin command line over it. A developer's tool: the job never
+imports it; the trained model ships as package data (``@demo``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import normalize
-from pipeline.synth import require_espeak, synthesize
+from pipeline.audio import decode, normalize
+from tools.synth import require_espeak, synthesize
 
 SAMPLE_RATE = 16_000
 
@@ -43,8 +43,7 @@ VOCAB: dict[str, int] = {
 # Common English words; exact homophones (there/their, right/write, no/know, ...) and words whose
 # pronunciation depends on meaning (read, lead, live, wind, close, ...) were removed after comparing
 # espeak-ng phoneme strings, so every word is recoverable from its sound.
-WORDS: tuple[str, ...] = tuple(
-    """
+_WORD_TEXT = """
 the of and a in is it you that he was for on are with as i his they be at one have this from or
 had by word but what some we can out other were all there when up use your how said each she
 which do time if will way about many then them would like so these her long make thing see him
@@ -75,8 +74,8 @@ bring yes distant fill east paint language among it's can't i'm that's won't did
 quiet zebra jazz puzzle queen quality extra exact seven eight nine window garden kitchen yellow
 orange purple winter summer spring autumn doctor teacher village market bridge forest desert
 valley
-""".split()
-)
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
 
 # espeak-ng voices are "<language>+<variant>". Training combines these at random; the held-out
 # voices below use languages and variants that training never sees (and a few it does).
@@ -257,9 +256,10 @@ class ModelSize:
     pos_conv_groups: int = 16
 
 
-def build_config(size: ModelSize = ModelSize()):
+def build_config(size: ModelSize | None = None):
     from transformers import Wav2Vec2Config
 
+    size = size or ModelSize()
     return Wav2Vec2Config(
         vocab_size=len(VOCAB),
         hidden_size=size.hidden_size,
@@ -408,7 +408,7 @@ class TrainSettings:
     processes: int = 2
     threads: int | None = None
     # bf16 autocast is ~1.5x faster per step on this CPU but, measured on a toy set before the
-    # positional conv was kept in fp32 (see ``pipeline.model.positional_conv_in_fp32``), kept the
+    # positional conv was kept in fp32 (see ``pipeline.model.loading.positional_conv_in_fp32``), kept the
     # model on the all-blank CTC plateau where fp32 left it within 200 steps: off by default.
     bf16: bool = False
     device: str = "cpu"  # "cuda": train on the GPU (fp32 with TF32 matmuls unless bf16)
@@ -425,23 +425,6 @@ def _lr_factor(progress: float, step: int, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then linear decay to zero at ``progress`` = 1."""
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     return max(0.0, min(warm, 1.0 - progress))
-
-
-def greedy_transcribe(model, processor, audios: Sequence[np.ndarray]) -> list[str]:
-    """The reference path: processor(audio) -> model -> argmax -> batch_decode, one clip at a
-    time, fp32 (int16 clips scaled to [-1, 1) first)."""
-    import torch
-
-    device = next(model.parameters()).device
-    texts = []
-    with torch.inference_mode():
-        for audio in audios:
-            if audio.dtype == np.int16:
-                audio = audio.astype(np.float32) / 32768.0
-            inputs = processor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-            ids = model(inputs.input_values.to(device)).logits.argmax(-1)
-            texts.append(processor.batch_decode(ids)[0])
-    return texts
 
 
 def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> tuple[float, float]:
@@ -499,7 +482,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     from torch.utils.data import DataLoader
     from transformers import Wav2Vec2ForCTC
 
-    from pipeline.model import positional_conv_in_fp32
+    from pipeline.model.loading import positional_conv_in_fp32
+    from pipeline.model.reference import Reference
 
     start = time.monotonic()
     device = torch.device(settings.device)
@@ -555,7 +539,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     def evaluate(step: int) -> float:
         nonlocal best_cer
         model.eval()
-        hyps = greedy_transcribe(model, processor, dev.audio)
+        hyps = Reference(model, processor).transcribe(dev.audio)
         model.train()
         cer, wer = error_rates(dev.texts, hyps)
         seen_flags = [dict(HELDOUT_VOICES)[s.voice] for s in dev_specs]
@@ -677,31 +661,18 @@ def read_manifest(manifest: Path) -> list[dict]:
 
 
 def load_for_reference(path: Path) -> np.ndarray:
-    """Decode any clip to float32 mono 16 kHz with soundfile + soxr (the job's decode step)."""
-    import soundfile as sf
-    import soxr
-
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def reference_transcribe(model_dir: Path, audios: Sequence[np.ndarray]) -> list[str]:
-    """:func:`greedy_transcribe` with the model and processor saved in ``model_dir``."""
-    from transformers import AutoModelForCTC, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    return greedy_transcribe(AutoModelForCTC.from_pretrained(model_dir).eval(), processor, audios)
+    """Decode any clip to float32 mono 16 kHz, unnormalised: the job's decode step."""
+    return decode(str(path), target_rate=SAMPLE_RATE, do_normalize=False).audio
 
 
 def evaluate_heldout(model_dir: Path, manifest: Path) -> dict[str, dict]:
     """CER/WER per condition (and "all") on a held-out manifest, through the reference path."""
+    from pipeline.model.reference import Reference
+
     rows = read_manifest(manifest)
     base = Path(manifest).parent
     audios = [load_for_reference(base / r["path"]) for r in rows]
-    hyps = reference_transcribe(model_dir, audios)
+    hyps = Reference.from_pretrained(model_dir).transcribe(audios)
     results: dict[str, dict] = {}
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):

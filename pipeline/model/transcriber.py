@@ -1,0 +1,238 @@
+"""wav2vec2-family CTC inference on padded batches, pipelined. Pure: no Ray.
+
+:class:`CTCTranscriber` is one loaded replica: it pads a batch, runs one forward pass under the
+configured precision with the patches of :mod:`pipeline.model.invariance`, takes the argmax and
+decodes it greedily (:class:`~pipeline.model.ctc.GreedyCTCDecoder`), exactly as the reference path
+(:mod:`pipeline.model.reference`) does one row at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from pipeline.config import InferenceConfig
+from pipeline.memory import release_free_heap
+from pipeline.model.conv_encoder import receptive_field
+from pipeline.model.ctc import GreedyCTCDecoder
+from pipeline.model.invariance import (
+    CONV_ENCODERS,
+    PROBE_TOLERANCE,
+    ValidFramesGroupNorm,
+    ValidLengths,
+    batch_deviation,
+    first_group_norm,
+    install_matmul_encoder,
+    install_matmul_positional_conv,
+)
+from pipeline.model.loading import (
+    ATTENTION_BACKENDS,
+    PRECISIONS,
+    cast_linear_weights,
+    guard_positional_conv,
+    ieee_fp32,
+    load_model,
+    resolve_device,
+)
+from pipeline.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = InferenceConfig()  # the config's defaults are the transcriber's
+
+
+@dataclass(frozen=True)
+class Started:
+    """A batch :meth:`CTCTranscriber.start` queued: its argmax ids (on the host once ``done``, a
+    CUDA event, has passed; ``None`` on a CPU) and each row's valid frames."""
+
+    ids: torch.Tensor
+    frames: list[int]
+    done: torch.cuda.Event | None
+
+
+class CTCTranscriber:
+    """One loaded model replica; call :meth:`transcribe` with normalised 16 kHz waveforms.
+
+    Batches are made batch-invariant where the model allows it: a row's logits do not depend on
+    what it shares a batch with. :attr:`batch_invariant` says whether that holds for the loaded
+    model; the load-time probe decides, and a model it fails keeps the standard padding (with a warning).
+    """
+
+    def __init__(self, spec: ModelSpec, device: str = _DEFAULTS.device, threads: int | None = None,
+                 precision: str = _DEFAULTS.precision, conv_encoder: str = _DEFAULTS.conv_encoder):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        feature_extractor, self.tokenizer, self.model = load_model(spec, self.device)
+        self.decoder = GreedyCTCDecoder(self.tokenizer, self.model.config.vocab_size)
+        self.autocast = PRECISIONS[precision]
+        if conv_encoder == "auto":
+            conv_encoder = ("batched" if self.device.type == "cuda" else
+                            "chunked" if self.autocast is not None else "stock")
+        if conv_encoder not in ("stock", *CONV_ENCODERS):
+            raise ValueError(f"conv_encoder = {conv_encoder!r}: use auto, stock or one of {sorted(CONV_ENCODERS)}")
+        config = self.model.config
+        self.min_samples = receptive_field(config.conv_kernel, config.conv_stride)
+        self.valid_lengths = ValidLengths((config.conv_kernel[0], config.conv_stride[0]))
+        self.encoder = None if conv_encoder == "stock" else install_matmul_encoder(self.model, spec.name, conv_encoder)
+        # The GPU layout also runs the positional conv as matmuls, even where the model's feature
+        # encoder keeps the stock one: the two are independent.
+        self.matmul_positional_conv = (conv_encoder == "batched"
+                                       and install_matmul_positional_conv(self.model, spec.name))
+        self.positional_conv_fp32 = False
+        if self.autocast is not None and self.device.type == "cpu" and not self.matmul_positional_conv:
+            self.positional_conv_fp32 = guard_positional_conv(self.model, self.autocast)
+        # The standard path: models whose feature extractor returns an attention mask were trained
+        # with one; the others (group-norm front end, e.g. base-960h) get none.
+        self.use_attention_mask = bool(feature_extractor.return_attention_mask)
+        self.batch_invariant = self._make_batch_invariant(spec.name)
+        if self.autocast is not None:
+            # After the batch-invariance probe, which runs in fp32: from here on only autocast's.
+            cast_linear_weights(self.model, self.autocast)
+        log.info(
+            "loaded %s on %s (%s, %d threads, attention mask: %s, batch-invariant: %s, conv encoder: %s, "
+            "positional conv: %s%s)", spec.name, self.device, precision, torch.get_num_threads(),
+            self.use_attention_mask, self.batch_invariant, type(self.encoder).__name__ if self.encoder else "stock",
+            "matmul, " if self.matmul_positional_conv else "", "fp32" if self.positional_conv_fp32 else precision,
+        )
+
+    @classmethod
+    def from_config(cls, spec: ModelSpec, inference: InferenceConfig, threads: int) -> CTCTranscriber:
+        """The transcriber a replica runs with the ``inference`` config section."""
+        return cls(spec, device=inference.device, threads=threads, precision=inference.precision,
+                   conv_encoder=inference.conv_encoder)
+
+    def _make_batch_invariant(self, name: str) -> bool:
+        """Install the exact path, probe it, and fall back to the standard one where it fails.
+
+        The exact path always passes an attention mask: the encoder then zeroes padded frames
+        before its positional conv and hides them from attention, which reproduces the unpadded
+        computation on the valid frames — the batch-of-one result the model gives any utterance.
+        """
+        found = None if self.encoder else first_group_norm(self.model)
+        if found is not None:
+            layer, norm = found
+            self.valid_lengths.norm = layer.layer_norm = ValidFramesGroupNorm(norm)
+        self.valid_lengths.encoder = self.encoder
+        standard_mask, self.use_attention_mask = self.use_attention_mask, True
+        deviation = self.probe()
+        if deviation <= PROBE_TOLERANCE:
+            return True
+        if found is not None:
+            layer.layer_norm = norm
+        self.valid_lengths.norm = self.valid_lengths.encoder = None
+        self.use_attention_mask = standard_mask
+        # e.g. Data2VecAudio's stacked positional convs and the conformer's conv modules see padded
+        # frames, which no mask hides.
+        log.warning(
+            "%s (%s) is not batch-invariant with a valid-frames mask (max |Δlogit| %.3g between a "
+            "padded batch and one row at a time on a probe); using the standard padding, so a row's "
+            "transcript can depend on what shares its batch", name, self.model.config.model_type, deviation,
+        )
+        return False
+
+    def probe(self) -> float:
+        """Largest logit difference, relative, between one padded batch and one row at a time (fp32)."""
+        return batch_deviation(lambda waves: self.logits(waves, autocast=None), self.frames, self.min_samples)
+
+    def frames(self, num_samples: Sequence[int]) -> list[int]:
+        """Output frames the model gives for inputs of these lengths."""
+        lengths = torch.as_tensor(list(num_samples), dtype=torch.long)
+        return self.model._get_feat_extract_output_lengths(lengths).tolist()
+
+    def logits(self, waves: Sequence[np.ndarray], autocast: torch.dtype | None | str = "default") -> torch.Tensor:
+        """One forward pass over the zero-padded batch: ``(rows, frames of the longest, vocab)``.
+
+        ``autocast`` is the configured precision by default; ``None`` forces fp32 (for the load-time
+        probe: once loaded, a reduced-precision replica's linear weights are in that precision).
+        """
+        dtype = self.autocast if autocast == "default" else autocast
+        lengths = [len(w) for w in waves]
+        shape = len(waves), max(lengths)
+        if self.device.type == "cuda":  # page-locked, so that the copy to the GPU runs asynchronously
+            buffer = torch.zeros(shape, pin_memory=True)
+            batch = buffer.numpy()
+        else:
+            batch = np.zeros(shape, dtype=np.float32)
+            buffer = torch.from_numpy(batch)
+        for row, wave in zip(batch, waves, strict=True):
+            row[: len(wave)] = wave
+        inputs = buffer.to(self.device, non_blocking=True)
+        n = torch.as_tensor(lengths)
+        mask = None
+        if self.use_attention_mask:
+            # non_blocking: a plain copy to a GPU would wait for the batch ahead to finish
+            mask = torch.arange(shape[1], device=self.device) < n.to(self.device, non_blocking=True)[:, None]
+        with (torch.inference_mode(), ieee_fp32(dtype is None), self.valid_lengths.of(n),
+              sdpa_kernel(ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext(),
+              torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)):
+            return self.model(inputs, attention_mask=mask).logits.float()
+
+    def transcribe(self, waves: Sequence[np.ndarray]) -> list[str]:
+        """Transcribe one batch: zero-pad to the longest, forward once, greedy-decode each row.
+
+        Each row's predictions are cut to its own frames, so padding never adds characters.
+        """
+        return self.finish(self.start(waves))
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
+        """:meth:`transcribe` each batch in turn, starting each before finishing the one ahead of it
+        (:meth:`start`, :meth:`finish`): on a GPU the host decodes one batch and pads the next while
+        the GPU runs. A batch that fails yields its exception instead of texts, and the rest go on."""
+        pending = None
+        for waves in [*batches, None]:
+            started = None
+            if waves is not None:
+                try:
+                    started = self.start(waves)
+                except Exception as exc:  # noqa: BLE001 - the caller decides, in this batch's turn
+                    started = exc.with_traceback(None)  # its frames would keep the batch's tensors alive
+            if pending is not None:
+                yield self._finish_or_error(pending)
+            pending = started
+
+    def _finish_or_error(self, started: Started | Exception) -> list[str] | Exception:
+        if isinstance(started, Exception):
+            return started
+        try:
+            return self.finish(started)
+        except Exception as exc:  # noqa: BLE001 - as in transcribe_batches
+            return exc.with_traceback(None)
+
+    def start(self, waves: Sequence[np.ndarray]) -> Started:
+        """The first half of :meth:`transcribe`: pad the batch, queue its forward pass and argmax,
+        and the argmax's copy to the host. On a GPU this returns while they run, so the host can
+        decode the batch before (:meth:`finish`) and pad the next one meanwhile; on a CPU they
+        have run when it returns."""
+        ids = self.logits(waves).argmax(dim=-1)
+        frames = self.frames([len(w) for w in waves])
+        if self.device.type != "cuda":
+            return Started(ids, frames, None)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return Started(host, frames, done)
+
+    def finish(self, started: Started) -> list[str]:
+        """The second half of :meth:`transcribe`: wait for the batch's ids, greedy-decode each row."""
+        if started.done is not None:
+            started.done.synchronize()
+        texts = self.decoder(started.ids.numpy(), started.frames)
+        if len(texts) != len(started.frames):
+            raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(started.frames)} rows")
+        return texts
+
+    def release_memory(self) -> None:
+        """Between calls: a CPU replica gives its heap's free pages back, since its allocator
+        settings (:data:`pipeline.memory.CPU_REPLICA_ENV`) never shrink the heap and batches of
+        ever new shapes fragment it."""
+        if self.device.type == "cpu":
+            release_free_heap()

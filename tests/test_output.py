@@ -1,0 +1,114 @@
+"""The write step and the output protocol, without Ray: shards committed whole under names from
+their ids, the folder's states, the commit's check, and what readers read."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import output
+from pipeline import schema as S
+from pipeline.errors import JobError
+from pipeline.output import MANIFEST_FILE, SHARD_PREFIX, SUMMARY_FILE, WORK_DIR, ShardWriter, State
+
+
+def _rows(ids: list[str]) -> pa.Table:
+    n = len(ids)
+    return pa.table({S.ID: ids, S.PATH: [f"/c/{i}.flac" for i in ids], S.TRANSCRIPT: [f"t {i}" for i in ids],
+                     S.ERROR_KIND: [None] * n, S.ERROR: [None] * n, S.ERROR_STAGE: [None] * n,
+                     S.DURATION_S: [1.5] * n, S.SAMPLE_RATE: [16_000] * n, S.NUM_CHANNELS: [1] * n,
+                     S.REFERENCE: [None] * n, S.MODEL: ["m"] * n, S.NUM_SAMPLES: [24_000] * n,
+                     S.PADDED_SAMPLES: [24_000] * n}, schema=S.OUTPUT_SCHEMA)
+
+
+def _manifest(ids: list[str]) -> pa.Table:
+    return pa.table({S.ID: ids, S.PATH: [f"/c/{i}.flac" for i in ids], S.AUDIO_BYTES: [None] * len(ids),
+                     S.REFERENCE: [None] * len(ids)}, schema=S.MANIFEST_SCHEMA)
+
+
+def test_commit_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "f.bin"
+    output.commit_file(target, lambda fh: fh.write(b"old"))
+
+    def half_then_fail(fh):
+        fh.write(b"new but cut")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        output.commit_file(target, half_then_fail)
+    assert target.read_bytes() == b"old"  # a reader never sees part of the new file
+    output.commit_file(target, lambda fh: fh.write(b"new"))
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")] == ["f.bin"]
+
+
+def test_shard_names_come_from_their_ids_so_a_retry_replaces_its_own_shard(tmp_path):
+    writer = ShardWriter(str(tmp_path))
+    first = writer(_rows(["b", "a", "c"])).to_pylist()
+    again = writer(_rows(["c", "a", "b"])).to_pylist()  # the same rows in another order: a retried task
+    other = writer(_rows(["d"])).to_pylist()
+    assert first == again and first[0]["rows"] == 3 and first[0]["shard"].startswith(SHARD_PREFIX)
+    assert other[0]["shard"] != first[0]["shard"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first[0]["shard"], other[0]["shard"]])
+    assert pq.read_table(tmp_path / first[0]["shard"])[S.ID].to_pylist() == ["c", "a", "b"]
+    assert writer(_rows([])).num_rows == 0 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_run_goes_fresh_then_resume_then_done(tmp_path):
+    out, manifest = tmp_path / "out", _manifest(["a", "b", "c"])
+    fp = output.fingerprint(manifest, {"model": "m"})
+    assert fp != output.fingerprint(manifest, {"model": "other"}) != output.fingerprint(_manifest(["a", "b"]), {})
+    assert output.prepare(out, False, fp) is State.FRESH
+    assert output.begin(out, State.FRESH, fp, manifest) == manifest
+    assert json.loads((out / WORK_DIR / "input.json").read_text()) == {"fingerprint": fp}
+    ShardWriter(str(out))(_rows(["a"]))
+    (out / f".{SHARD_PREFIX}x.parquet.1.tmp").write_bytes(b"cut off")
+
+    assert output.prepare(out, False, fp) is State.RESUME  # killed here: the same job resumes
+    todo = output.begin(out, State.RESUME, fp, manifest)
+    assert todo[S.ID].to_pylist() == ["b", "c"] and not list(out.glob(".*.tmp"))
+    with pytest.raises(JobError, match="holds an unfinished run of another input"):
+        output.prepare(out, False, output.fingerprint(manifest, {"model": "other"}))
+
+    ShardWriter(str(out))(_rows(["b", "c"]))
+    summary = output.summarize(out, manifest, wall_s=2.0)
+    assert (summary["rows_in"], summary["rows_out"], summary["lost"], summary["duplicated"]) == (3, 3, 0, 0)
+    assert summary["audio_s_per_s"] == pytest.approx(4.5 / 2.0) and summary["padding_waste"] == 0.0
+    shards = output.commit(out, {**summary, "fingerprint": fp})
+    assert not (out / WORK_DIR).exists() and len(shards) == 2
+    assert json.loads((out / MANIFEST_FILE).read_text())["rows"] == 3
+    assert output.prepare(out, False, fp) is State.DONE
+    assert output.finished_summary(out)["rows_out"] == 3
+    assert sorted(output.read_output(out, [S.ID])[S.ID].to_pylist()) == ["a", "b", "c"]
+    with pytest.raises(JobError, match="holds a finished run of another input"):
+        output.prepare(out, False, "another")
+    assert output.prepare(out, True, "another") is State.FRESH and not list(out.iterdir())
+
+
+def test_a_run_that_loses_or_duplicates_a_row_is_not_committed(tmp_path):
+    out, manifest = tmp_path / "out", _manifest(["a", "b"])
+    output.begin(out, output.prepare(out, False, "fp"), "fp", manifest)
+    writer = ShardWriter(str(out))
+    writer(_rows(["a"]))
+    (out / f"{SHARD_PREFIX}copy.parquet").write_bytes((out / writer(_rows(["a"]))[0][0].as_py()).read_bytes())
+    summary = output.summarize(out, manifest, wall_s=1.0)
+    assert (summary["lost"], summary["duplicated"]) == (1, 1)
+    with pytest.raises(JobError, match="1 ids lost, 1 duplicated"):
+        output.commit(out, summary)
+    assert not (out / MANIFEST_FILE).exists() and (out / SUMMARY_FILE).exists() and (out / WORK_DIR).exists()
+
+
+def test_another_jobs_files_or_an_unwritable_folder_are_refused(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "data.parquet").write_bytes(b"")
+    with pytest.raises(JobError, match=r"already holds files of another run \(data.parquet\).*overwrite=true"):
+        output.prepare(tmp_path / "taken", False, "fp")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JobError, match="exists and is not a folder"):
+        output.prepare(tmp_path / "file", False, "fp")
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(JobError, match="not writable"):
+            output.prepare(tmp_path / "ro", False, "fp")
