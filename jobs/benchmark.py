@@ -166,7 +166,7 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
     model = AutoModelForCTC.from_pretrained(model_dir).to(device).eval()
     dtype = PRECISIONS[precision]
     if dtype is not None and device == "cpu":
-        guard_positional_conv(model, dtype)  # as the job's CPU replicas do (see pipeline.model)
+        guard_positional_conv(model, dtype)  # as the job's CPU replicas do
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "heap grew to 24 GB on 30 minutes); the job's replicas keep theirs")
     args = ap.parse_args(argv)
     defaults = [f"ray.num_cpus={args.threads}"] + (
-        ["inference.max_replicas=1", "inference.device=cuda", "inference.cpus_per_replica=1"]
+        ["inference.max_replicas=1", "inference.device=cuda"]
         if args.device == "cuda" else [f"inference.torch_threads={args.threads}"])
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     jobs = [name for name in ("job", "job-marginal") if name in speed]
     ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed if name not in jobs}
-    for name in speed:  # the job's calls, plain padding or another encoder against the job's model code
+    for name in speed:  # the job's calls or another encoder against the job's model code
         if name.startswith(("replica-", "stage-alone")) and name not in ("replica-alone", "replica-alone-again"):
             base = "replica-alone-again" if name.endswith("-again") else "replica-alone"
             ratios[f"{name}/{base}"] = speed[name] / speed[base]

@@ -8,6 +8,7 @@ the later steps pass through untouched, so every input row reaches the output on
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,8 +23,8 @@ from pipeline.isolation import IsolatedDecoder, import_function
 if TYPE_CHECKING:
     from pipeline.model.spec import FrontEnd
 
-# One isolated decoder per worker process and setting, kept across tasks (Ray reuses its workers).
-_DECODERS: dict[tuple[str, float, int], IsolatedDecoder] = {}
+# One decoder per worker process and setting, kept across tasks (Ray reuses its workers).
+_DECODERS: dict[tuple[str, tuple[float, int] | None], Callable[..., Decoded]] = {}
 
 
 class DecodeStage:
@@ -35,16 +36,20 @@ class DecodeStage:
                        "max_duration_s": audio.max_duration_s, "max_file_bytes": audio.max_file_bytes}
         self.allowed_roots = tuple(os.path.realpath(r) for r in source.allowed_roots)
         self.function = decode.function
-        self.isolation = (decode.function, decode.timeout_s, decode.max_attempts) if decode.isolate else None
+        self.isolation = (decode.timeout_s, decode.max_attempts) if decode.isolate else None
+
+    def _decoder(self) -> Callable[..., Decoded]:
+        """In this worker: the decode function, or the isolated decoder that runs it."""
+        key = (self.function, self.isolation)
+        if key not in _DECODERS:
+            _DECODERS[key] = (import_function(self.function) if self.isolation is None
+                              else IsolatedDecoder(self.function, *self.isolation))
+        return _DECODERS[key]
 
     def _decode(self, path: str, data: bytes | None) -> Decoded:
         if data is None:
             check_allowed(path, self.allowed_roots)
-        if self.isolation is None:
-            return import_function(self.function)(path, data, **self.kwargs)
-        if self.isolation not in _DECODERS:
-            _DECODERS[self.isolation] = IsolatedDecoder(*self.isolation)
-        return _DECODERS[self.isolation](path, data, **self.kwargs)
+        return self._decoder()(path, data, **self.kwargs)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         cols = {name: [] for name in S.DECODED_SCHEMA.names}

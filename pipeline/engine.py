@@ -24,9 +24,10 @@ from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
 from pipeline import output
-from pipeline.config import JobConfig
+from pipeline.config import DEFAULT_DECODER, JobConfig
 from pipeline.decode import DecodeStage
 from pipeline.errors import JobError, ManifestError
+from pipeline.isolation import import_function
 from pipeline.manifest import read_manifest
 from pipeline.memory import CPU_REPLICA_ENV, environ
 from pipeline.model.spec import FrontEnd, ModelSpec, TranscriberLoader, load_front_end
@@ -67,6 +68,13 @@ def plan(cfg: JobConfig) -> Plan:
     """Read the manifest and the model's front end, settle the output's state; raise before any work."""
     if not cfg.output.path:
         raise JobError("output.path is not set: pass --output OUT_DIR")
+    out = Path(cfg.output.path)
+    output.check_folder(out)
+    try:
+        import_function(cfg.decode.function)
+    except (ImportError, AttributeError) as exc:
+        raise JobError(f"decode.function = {cfg.decode.function!r}: cannot import it ({exc}); name a "
+                       "module:function importable on every worker, e.g. pipeline.audio:decode") from None
     try:
         manifest = read_manifest(cfg.input)
     except ManifestError as exc:
@@ -81,11 +89,11 @@ def plan(cfg: JobConfig) -> Plan:
         front_end = load_front_end(spec)
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean "cannot load"
         raise JobError(f"model.name = {spec.name!r}: cannot load its feature extractor ({exc})") from None
-    # What changes transcripts: the model, the audio limits, the decoder and the precision.
-    settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(), "decoder": cfg.decode.function,
-                "precision": cfg.inference.precision}
+    # What changes transcripts: the model, the audio limits, the precision and another decoder than the default.
+    settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(), "precision": cfg.inference.precision}
+    if cfg.decode.function != DEFAULT_DECODER:
+        settings["decoder"] = cfg.decode.function
     fingerprint = output.fingerprint(manifest, settings)
-    out = Path(cfg.output.path)
     state = output.prepare(out, cfg.output.overwrite, fingerprint)
     return Plan(cfg, manifest, front_end, spec, out, fingerprint, state)
 

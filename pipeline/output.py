@@ -45,7 +45,7 @@ WORK_DIR = "_work"  # present while a run is unfinished; holds the fingerprint i
 FINGERPRINT_FILE = "input.json"
 
 
-class State(str, Enum):
+class State(Enum):
     """What the output folder holds for this job (:func:`prepare`)."""
 
     FRESH = "fresh"
@@ -94,11 +94,16 @@ def fingerprint(manifest: pa.Table, settings: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
+def check_folder(output: Path) -> None:
+    """Raise :class:`JobError` where ``output`` cannot be an output folder (before any slow work)."""
+    if output.exists() and not output.is_dir():
+        raise JobError(f"--output {output}: exists and is not a folder")
+
+
 def prepare(output: Path, overwrite: bool, fingerprint: str) -> State:
     """Return the output's state for a job of ``fingerprint``; clear the folder first with
     ``overwrite``; raise :class:`JobError` for another job's output or a folder it cannot write."""
-    if output.exists() and not output.is_dir():
-        raise JobError(f"--output {output}: exists and is not a folder")
+    check_folder(output)
     work, summary_file = output / WORK_DIR, output / SUMMARY_FILE
     ours = [*output.glob("*.parquet"), *output.glob(f".{SHARD_PREFIX}*.tmp"), summary_file,
             output / MANIFEST_FILE] if output.is_dir() else []
@@ -121,8 +126,8 @@ def prepare(output: Path, overwrite: bool, fingerprint: str) -> State:
     if state is not State.FRESH and found != fingerprint:
         what = "a finished" if state is State.DONE else "an unfinished"
         raise JobError(
-            f"--output {output}: holds {what} run of another input, model or audio settings; choose "
-            "another folder or --set output.overwrite=true to replace it"
+            f"--output {output}: holds {what} run of another input, model, audio settings, precision or "
+            "decoder; choose another folder or --set output.overwrite=true to replace it"
         )
     try:
         output.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,10 @@ def test_demo_config_transcribes_the_heldout_clips_offline(tmp_path):
         (["--input", "@sample", "--model", "@nope"], 2,
          "model.name = '@nope': unknown bundled name; use one of @demo"),
         (["--input", "/no/such/manifest.csv"], 1, "--input /no/such/manifest.csv: no such file"),
+        (["--input", "@sample", "--set", "decode.function=no_such_module:decode"], 1,
+         "decode.function = 'no_such_module:decode': cannot import it (No module named 'no_such_module')"),
+        (["--input", "@sample", "--set", "decode.function=pipeline.audio"], 2,
+         "decode.function = 'pipeline.audio': String should match pattern"),
     ],
 )
 def test_systemic_failures_exit_nonzero_with_one_line(args, code, message, tmp_path):

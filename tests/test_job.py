@@ -190,7 +190,7 @@ def test_a_finished_output_is_left_alone_unless_overwrite(ray_cluster, corpus, l
     assert again["already_complete"] and again["rows_out"] == 25
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files  # nothing written
     # Another model into the same folder is refused: its rows would mix with these.
-    with pytest.raises(JobError, match="holds a finished run of another input, model or audio settings"):
+    with pytest.raises(JobError, match="holds a finished run of another input, model, audio settings, precision or decoder"):
         run(ray_cluster, corpus, out, group_model)
     stray = tmp_path / "stray"
     stray.mkdir()

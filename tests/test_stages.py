@@ -205,6 +205,7 @@ def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent, check=True)
     assert re.search(r"INFO pipeline\.model\.spec: torch and transformers imported in [\d.]+ s", run.stderr)
+    assert re.search(r"INFO pipeline\.model\.spec: model loaded and probed in [\d.]+ s", run.stderr)
     assert re.search(r"INFO pipeline\.model\.transcriber: loaded .* on cpu \(fp32, 1 threads, .*batch-invariant: True",
                      run.stderr)
     assert re.search(r"INFO pipeline\.transcribe: replica ready in [\d.]+ s", run.stderr)

@@ -99,9 +99,6 @@ class ValidLengths:
         self.norm: ValidFramesGroupNorm | None = None
         self.encoder: MatmulFeatureEncoder | BatchedMatmulFeatureEncoder | None = None
 
-    def __bool__(self) -> bool:
-        return self.norm is not None or self.encoder is not None
-
     @contextmanager
     def of(self, samples: torch.Tensor) -> Iterator[None]:
         """Forwards in this block see rows of ``samples`` valid samples each."""
@@ -131,13 +128,15 @@ def batch_deviation(logits: Callable[[list[np.ndarray]], torch.Tensor],
 
 def checked_swap(name: str, what: str, stock: torch.nn.Module | None, make, probe: torch.Tensor):
     """``make(stock)`` if the model has the structure it computes and its fp32 output matches
-    ``stock``'s on ``probe`` (on ``stock``'s device); else None, saying why once (the stock module stays)."""
+    ``stock``'s on ``probe`` (moved to ``stock``'s device); else None, saying why once (the stock
+    module stays)."""
     try:
         fast = make(stock)
     except UnsupportedEncoder as exc:
         log.warning("%s: keeping the stock %s (%s)", name, what, exc)
         return None
-    probe = probe.to(next(stock.parameters()).device)
+    device = next(iter(stock.parameters()), probe).device  # a module without weights computes where the probe is
+    probe = probe.to(device)
     with torch.inference_mode(), ieee_fp32(True):
         try:
             want = stock(probe)

@@ -117,5 +117,8 @@ class TranscriberLoader:
         started = time.perf_counter()
         from pipeline.model.transcriber import CTCTranscriber
 
-        log.info("torch and transformers imported in %.1f s", time.perf_counter() - started)
-        return CTCTranscriber.from_config(self.spec, self.inference, self.threads)
+        imported = time.perf_counter()
+        log.info("torch and transformers imported in %.1f s", imported - started)
+        transcriber = CTCTranscriber.from_config(self.spec, self.inference, self.threads)
+        log.info("model loaded and probed in %.1f s", time.perf_counter() - imported)
+        return transcriber
