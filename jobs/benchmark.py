@@ -1,6 +1,6 @@
 """Benchmark: this job against the seed's code path, the transformers ASR pipeline and the bare model.
 
-    python -m jobs.benchmark --minutes 10 --precision bf16 --json out/benchmark.json
+    python -m jobs.benchmark --minutes 10 --json out/benchmark.json
 
 In one process, on one corpus (durations spread 2-35 s like LibriSpeech), it times and prints
 audio-seconds per second for:
@@ -21,6 +21,13 @@ audio-seconds per second for:
    ``--job-marginal`` also runs it on the first half of the files: the second half's audio over the
    time it adds (``job-marginal``) is the job's speed without its fixed start-up, which a short
    corpus cannot amortise (its estimate is printed too).
+
+Two measures of the job's machinery, each against its own ceiling, need no accelerator:
+``--stand-in RATE`` runs the job with a stand-in model (:mod:`jobs.stand_in`) that takes as long as
+an accelerator running RATE audio s/s would, using no CPU (``job-stand-in/stand-in``: what Ray Data,
+decoding, the calls and the writes cost around a model of known speed), and ``--decode-ceiling``
+times the job's decode step on Ray against the same decoding in plain processes
+(``decode-job/decode-plain``).
 
 It prints the ratios of the job to each and the job's padding waste, and writes them as JSON.
 Run as a script, it first re-executes itself with the job's CPU allocator settings
@@ -43,6 +50,7 @@ import argparse
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
@@ -58,18 +66,20 @@ import pyarrow.compute as pc
 import soundfile as sf
 import torch
 
+from jobs.stand_in import StandInLoader, StandInTranscriber
 from pipeline import bundled
 from pipeline import schema as S
+from pipeline.audio import decode as decode_audio
 from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import JobConfig, load_config
-from pipeline.engine import Plan, run_job
+from pipeline.engine import Plan, decode_dataset, ray_session, run_job
 from pipeline.engine import plan as plan_job  # "plan" here is a batch plan
 from pipeline.memory import CPU_REPLICA_ENV
 from pipeline.model.conv_encoder import conv_output_frames
 from pipeline.model.ctc import GreedyCTCDecoder
 from pipeline.model.invariance import CONV_ENCODERS
-from pipeline.model.loading import PRECISIONS, guard_positional_conv
+from pipeline.model.loading import PRECISIONS, guard_positional_conv, resolve_precision
 from pipeline.model.reference import Reference
 from pipeline.model.spec import ModelSpec, TranscriberLoader
 from pipeline.model.transcriber import CTCTranscriber
@@ -233,6 +243,35 @@ def stage_alone(p: Plan, threads: int, passes: int) -> list[float]:
     return seconds
 
 
+def stand_in_alone(rate: float, waves: list[np.ndarray], plan: list[list[int]]) -> float:
+    """Seconds the stand-in model (:mod:`jobs.stand_in`) takes for the plan's batches, started ahead
+    as the replica does: the ceiling ``job-stand-in`` is measured against."""
+    stand_in = StandInTranscriber(rate)
+    start = time.perf_counter()
+    for _ in stand_in.transcribe_batches([waves[i] for i in rows] for rows in plan):
+        pass
+    return time.perf_counter() - start
+
+
+def _decode_file(path: Path) -> int:
+    return len(decode_audio(str(path)).audio)
+
+
+def decode_plain(paths: list[Path], processes: int) -> None:
+    """What the CPUs can decode: the job's decode function on every file in ``processes`` plain
+    processes (soundfile, soxr, normalisation), without Ray, isolation or Arrow."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_decode_file, paths, chunksize=8)
+
+
+def decode_on_ray(cfg: JobConfig) -> None:
+    """The job's decode step alone on Ray (the same tasks, isolation and blocks), its output
+    materialised in Ray's object store as the replicas would take it."""
+    p = plan_job(cfg)
+    with ray_session(cfg):
+        decode_dataset(p, p.manifest).materialize()
+
+
 def decoding(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], seed: int = 0) -> dict[str, float]:
     """Seconds greedy decoding takes over the plan's batches: the tokenizer's ``batch_decode``
     (how the seed path and the transformers pipeline decode) and the job's ``GreedyCTCDecoder``, on
@@ -350,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  allow_abbrev=False)  # the re-exec below looks for --glibc-malloc by name
     ap.add_argument("--minutes", type=float, default=10.0, help="audio in the corpus (default 10)")
     ap.add_argument("--model", help="local CTC checkpoint; default: wav2vec2-base config, random weights")
-    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="the job's and bare-forward's")
+    ap.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                    help="the job's, bare-forward's and replica-alone's (auto: as the job resolves it on --device)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where 1-3 run; with cuda the job gets one GPU replica (inference.gpus_per_replica=1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for 1-3")
@@ -386,10 +426,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="run 1-3b with glibc's default allocator settings instead of the job's replicas' "
                          "ones (needed for the seed path on long corpora: under the replicas' settings its "
                          "heap grew to 24 GB on 30 minutes); the job's replicas keep theirs")
+    ap.add_argument("--stand-in", type=float, metavar="RATE",
+                    help="also run the job with a stand-in model that takes as long as a model running RATE "
+                         "audio s/s of padded batches on an accelerator would, using no CPU (job-stand-in), "
+                         "against the stand-in alone: what the job's own machinery costs, on a CPU")
+    ap.add_argument("--decode-ceiling", action="store_true",
+                    help="also time decoding alone: the job's decode step on Ray (decode-job) against plain "
+                         "soundfile + soxr in --threads processes (decode-plain)")
     args = ap.parse_args(argv)
+    args.precision = resolve_precision(args.precision, torch.device(args.device))
+    # The job's own defaults size it (one CPU replica using every core; one replica per GPU).
     defaults = [f"ray.num_cpus={args.threads}"] + (
-        ["inference.max_replicas=1", "inference.device=cuda"]
-        if args.device == "cuda" else [f"inference.torch_threads={args.threads}"])
+        ["inference.max_replicas=1", "inference.device=cuda"] if args.device == "cuda" else [])
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -434,11 +482,19 @@ def main(argv: list[str] | None = None) -> dict:
                     model_dir, waves, plan, args.precision, args.device, args.threads, passes, conv_encoder=encoder))
             if args.roofline and flops is None:
                 flops = forward_flops(model_dir, waves, plan)
+            if args.stand_in:
+                seconds.setdefault("stand-in", []).append(stand_in_alone(args.stand_in, waves, plan))
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
             summary = run_job(job_cfg)
             summaries.append(summary)
             seconds.setdefault("job", []).append(summary["wall_s"])
+            if args.stand_in:
+                stand_in_job = run_job(job_cfg, load=StandInLoader(args.stand_in))
+                seconds.setdefault("job-stand-in", []).append(stand_in_job["wall_s"])
+            if args.decode_ceiling:
+                seconds.setdefault("decode-plain", []).append(timed(lambda: decode_plain(paths, args.threads)))
+                seconds.setdefault("decode-job", []).append(timed(lambda: decode_on_ray(job_cfg)))
             if args.job_marginal:
                 half_summary = run_job(job_config(model_dir, tmp / "half", tmp / "out", args.precision,
                                                   args.overrides, args.device))
@@ -455,7 +511,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
     jobs = [name for name in ("job", "job-marginal") if name in speed]
-    ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed if name not in jobs}
+    # Measures of the job's machinery, each against its own ceiling (below), not against the model paths.
+    apart = ("stand-in", "job-stand-in", "decode-plain", "decode-job")
+    ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed
+              if name not in (*jobs, *apart)}
+    for path, ceiling in [("job-stand-in", "stand-in"), ("decode-job", "decode-plain")]:
+        if path in speed:
+            ratios[f"{path}/{ceiling}"] = speed[path] / speed[ceiling]
     for name in speed:  # the job's calls or another encoder against the job's model code
         if name.startswith(("replica-", "stage-alone")) and name not in ("replica-alone", "replica-alone-again"):
             base = "replica-alone-again" if name.endswith("-again") else "replica-alone"

@@ -7,16 +7,17 @@ Every error names the key, the bad value and what is allowed, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import bundled
 from pipeline.errors import ConfigError
 
 DEFAULT_MODEL = "facebook/wav2vec2-base-960h"
 DEFAULT_DECODER = "pipeline.audio:decode"
+AUTO = "auto"
 
 
 class _Section(BaseModel):
@@ -81,16 +82,28 @@ class DecodeConfig(_Section):
     function: str = Field(DEFAULT_DECODER, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+def _auto(value: Any) -> Any:
+    return None if value == AUTO else value
+
+
+# A setting that may be "auto" (or null): sized when the job starts, from what Ray reports (resolve_resources).
+AutoInt = Annotated[int | None, BeforeValidator(_auto)]
+AutoFloat = Annotated[float | None, BeforeValidator(_auto)]
+
+
 class InferenceConfig(_Section):
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    torch_threads: int | None = Field(None, ge=1)
+    # auto: one replica per GPU Ray reports, else one CPU replica (more, one thread each, ran slower).
+    min_replicas: AutoInt = Field(None, ge=1)
+    max_replicas: AutoInt = Field(None, ge=1)
+    cpus_per_replica: AutoFloat = Field(None, gt=0)  # Ray's accounting; auto: 1
+    gpus_per_replica: AutoFloat = Field(None, ge=0)  # auto: 1 where Ray reports GPUs, else 0
+    # auto: a GPU replica's reserved CPUs; a CPU replica's share of its node's cores (decode tasks
+    # run beside it on the same cores: its threads idle while they decode, they idle while it computes).
+    torch_threads: AutoInt = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Autocast dtype of the forward pass: bf16 on CPUs with AVX-512 bf16/AMX and on GPUs, fp16 on
-    # GPUs only. The batch-invariance probe always runs in fp32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Autocast dtype of the forward pass. auto: bf16 where the device computes it natively (GPUs from
+    # Ampere on, CPUs with AVX-512 BF16 or AMX), else fp32; fp16 on GPUs only. The load-time probes run in fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The conv feature encoder (pipeline.model.invariance.CONV_ENCODERS): auto = matmul products
     # (CPUs in reduced precision: chunked; GPUs: batched, with the positional conv too), else stock.
     conv_encoder: Literal["auto", "stock", "chunked", "batched"] = "auto"
@@ -103,7 +116,7 @@ class InferenceConfig(_Section):
 
     @model_validator(mode="after")
     def _check_pool(self) -> InferenceConfig:
-        if self.max_replicas < self.min_replicas:
+        if self.min_replicas is not None and self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"inference.max_replicas = {self.max_replicas}: must be >= inference.min_replicas "
                 f"({self.min_replicas})"
@@ -136,15 +149,11 @@ class JobConfig(_Section):
     inference: InferenceConfig = InferenceConfig()
     ray: RayConfig = RayConfig()
 
-    @property
-    def threads_per_replica(self) -> int:
-        return self.inference.torch_threads or max(1, int(self.inference.cpus_per_replica))
 
-
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (check the spelling; the README's Configs section lists every key)")
@@ -200,3 +209,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return JobConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+
+
+def resolve_resources(cfg: JobConfig, node_cpus: float, gpus: float) -> JobConfig:
+    """``cfg`` with every auto inference setting sized for a cluster whose largest node has
+    ``node_cpus`` CPUs and which has ``gpus`` GPUs in all (what Ray reports when the job starts):
+    one replica per GPU, one GPU each, where there are GPUs; else one CPU replica whose torch
+    threads use the node's cores. Raises :class:`ConfigError` for settings that cannot hold there."""
+    inf = cfg.inference
+    gpus_per = inf.gpus_per_replica
+    if gpus_per is None:
+        gpus_per = 1.0 if gpus >= 1 and inf.device != "cpu" else 0.0
+    fitting = max(1, int(gpus // gpus_per)) if gpus_per else 1
+    min_replicas = inf.min_replicas or min(fitting, inf.max_replicas or fitting)
+    max_replicas = inf.max_replicas or max(min_replicas, fitting)
+    cpus = inf.cpus_per_replica or 1.0
+    threads = inf.torch_threads or (max(1, int(cpus)) if gpus_per else max(1, int(node_cpus) // max_replicas))
+    sized = {"min_replicas": min_replicas, "max_replicas": max_replicas, "cpus_per_replica": cpus,
+             "gpus_per_replica": gpus_per, "torch_threads": threads}
+    try:
+        return cfg.model_copy(update={"inference": InferenceConfig.model_validate({**inf.model_dump(), **sized})})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, prefix="inference")) from None

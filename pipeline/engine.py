@@ -12,7 +12,7 @@ import importlib.metadata
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +24,15 @@ from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
 from pipeline import output
-from pipeline.config import DEFAULT_DECODER, JobConfig
+from pipeline.config import DEFAULT_DECODER, JobConfig, resolve_resources
 from pipeline.decode import DecodeStage
-from pipeline.errors import JobError, ManifestError
+from pipeline.errors import ConfigError, JobError, ManifestError
 from pipeline.isolation import import_function
 from pipeline.manifest import read_manifest
 from pipeline.memory import CPU_REPLICA_ENV, environ
 from pipeline.model.spec import FrontEnd, ModelSpec, TranscriberLoader, load_front_end
 from pipeline.output import ShardWriter, State
-from pipeline.transcribe import TranscribeStage
+from pipeline.transcribe import Transcriber, TranscribeStage
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Plan:
     output: Path
     fingerprint: str  # of the input rows and the settings that change transcripts
     state: State
+    load: Callable[[], Transcriber] | None = None  # builds each replica's transcriber; None: the configured model
 
     def decode_stage(self) -> DecodeStage:
         """The job's decode stage: the model's rate and normalisation, the config's limits and isolation."""
@@ -56,7 +57,7 @@ class Plan:
     def transcribe_stage_kwargs(self) -> dict[str, Any]:
         """The job's ``TranscribeStage`` arguments, for each replica to construct it with."""
         return {
-            "load": TranscriberLoader(self.spec, self.cfg.inference, self.cfg.threads_per_replica),
+            "load": self.load or TranscriberLoader(self.spec, self.cfg.inference, self.cfg.inference.torch_threads),
             "inference": self.cfg.inference,
             "model_name": self.spec.name,
             "metadata": metadata(self),
@@ -138,6 +139,19 @@ def ray_session(cfg: JobConfig) -> Iterator[bool]:
         ray.shutdown()
 
 
+def sized_config(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its auto settings sized from what Ray reports now (:func:`resolve_resources`)."""
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+    try:
+        sized = resolve_resources(cfg, node_cpus, ray.cluster_resources().get("GPU", 0.0))
+    except ConfigError as exc:
+        raise JobError(str(exc)) from None
+    inf = sized.inference
+    log.info("%d-%d replicas, each %g CPUs, %g GPUs and %d torch threads", inf.min_replicas, inf.max_replicas,
+             inf.cpus_per_replica, inf.gpus_per_replica, inf.torch_threads)
+    return sized
+
+
 def check_resources(cfg: JobConfig) -> None:
     """Fail fast where the pool cannot start beside one decode task: Ray Data would wait forever.
     Joining a cluster only warns, since its autoscaler may still add nodes."""
@@ -159,27 +173,39 @@ def check_resources(cfg: JobConfig) -> None:
                 raise JobError(message)
 
 
+@contextmanager
+def _retries_through_remote_args() -> Iterator[None]:
+    # Ray 2.60 deprecates map_batches(**ray_remote_args), removed in 2.64 (pyproject.toml caps ray
+    # below it), but names no parameter for what the job passes through it: the retries.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        yield
+
+
+def decode_dataset(p: Plan, manifest: pa.Table) -> ray.data.Dataset:
+    """Manifest rows → decode tasks, as a lazy Dataset of decoded rows (the job's first step)."""
+    rows = p.cfg.decode.rows_per_task
+    # from_blocks, not from_arrow: one block per decode task, its metadata read here (from_arrow runs
+    # a Ray task per block for it, taking the workers Ray prestarted for the replicas).
+    ds = ray.data.from_blocks([manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)])
+    with _retries_through_remote_args():
+        return ds.map_batches(
+            p.decode_stage(),
+            batch_format="pyarrow",
+            batch_size=rows,
+            num_cpus=p.cfg.decode.cpus_per_task,
+            max_retries=p.cfg.decode.max_retries,
+            udf_modifying_row_count=False,
+        )
+
+
 def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -> ray.data.Dataset:
     """Manifest rows → decode tasks → inference actor pool → shard writers, as one lazy Dataset
     whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
     ``CPU_REPLICA_ENV``, else CPU replicas are given it."""
     cfg, inf = p.cfg, p.cfg.inference
-    rows = cfg.decode.rows_per_task
-    # from_blocks, not from_arrow: one block per decode task, its metadata read here (from_arrow runs
-    # a Ray task per block for it, taking the workers Ray prestarted for the replicas).
-    ds = ray.data.from_blocks([manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)])
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates map_batches(**ray_remote_args), removed in 2.64 (pyproject.toml caps ray
-        # below it), but names no parameter for what the job passes through it: the retries below.
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
-        ds = ds.map_batches(
-            p.decode_stage(),
-            batch_format="pyarrow",
-            batch_size=rows,
-            num_cpus=cfg.decode.cpus_per_task,
-            max_retries=cfg.decode.max_retries,
-            udf_modifying_row_count=False,
-        )
+    ds = decode_dataset(p, manifest)
+    with _retries_through_remote_args():
         ds = ds.map_batches(
             TranscribeStage,
             fn_constructor_kwargs=p.transcribe_stage_kwargs(),
@@ -204,8 +230,9 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         )
 
 
-def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``.
+def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> dict[str, Any]:
+    """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``. ``load``
+    (picklable) builds each replica's transcriber instead of the configured model, e.g. a stand-in.
 
     Resumable and exactly-once (:mod:`pipeline.output`): the same command after a crash transcribes
     only the rows no shard holds; after a finished run it does nothing. (Ray Data's
@@ -214,6 +241,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     p = plan(cfg)
+    p.load = load
     if p.state is State.DONE:
         summary = output.finished_summary(p.output)
         log.warning("%s already holds the finished result of this job (%d rows); nothing to do",
@@ -225,6 +253,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                  p.manifest.num_rows - todo.num_rows, p.manifest.num_rows, p.output)
     log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
     with ray_session(cfg) as workers_have_env:
+        p.cfg = cfg = sized_config(cfg)
         check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         if todo.num_rows:

@@ -30,6 +30,7 @@ class Transcriber(Protocol):
     """What the stage needs of a model replica (:class:`pipeline.model.transcriber.CTCTranscriber`)."""
 
     min_samples: int  # shorter rows are too_short
+    precision: str  # as it runs (inference.precision's auto resolved), recorded in the output's metadata
 
     def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
         """Texts for each batch in turn, or the exception that batch raised."""
@@ -52,7 +53,7 @@ class TranscribeStage:
         self.model_name = model_name
         self.max_batch_samples = inference.max_batch_samples
         self.max_padding_waste = inference.max_padding_waste
-        self.schema = S.output_schema(metadata)
+        self.schema = S.output_schema({**metadata, "precision": self.transcriber.precision})
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows

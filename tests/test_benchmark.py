@@ -1,6 +1,8 @@
 """The benchmark's own measures: the roofline's count of the forward's arithmetic on the meta device
 must be the real forward's; stage-alone must run the job's calls on every row."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -38,3 +40,18 @@ def test_stage_alone_runs_the_jobs_calls_and_fails_on_a_row_without_a_transcript
     message = r"stage-alone: 1 rows without a transcript, the first decode_error: .*utt9999"
     with pytest.raises(RuntimeError, match=message):
         stage_alone(plan(cfg), threads=1, passes=1)
+
+
+def test_the_stand_in_queues_batches_like_an_accelerator_and_waits_only_for_them():
+    """start() returns at once, the "device" runs batches back to back, finish() waits for its batch."""
+    from jobs.stand_in import StandInTranscriber
+
+    stand_in = StandInTranscriber(rate=10.0)  # 1 s of padded audio takes 0.1 s
+    batches = [[np.zeros(16_000, np.float32)] * 2, [np.zeros(8_000, np.float32), np.zeros(4_000, np.float32)]]
+    started = time.monotonic()
+    first, second = stand_in.start(batches[0]), stand_in.start(batches[1])
+    assert time.monotonic() - started < 0.1  # queued, not run
+    assert second[0] - first[0] == pytest.approx(0.1, abs=1e-6)  # 2 x 0.5 s padded after 2 x 1 s
+    assert stand_in.finish(second) == ["", ""] and time.monotonic() - started >= 0.3
+    results = list(stand_in.transcribe_batches(batches))
+    assert results == [["", ""], ["", ""]] and stand_in.precision == "stand-in"

@@ -43,8 +43,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run(ray_cluster, manifest, out, model, *overrides, **values):
+    """The job in fp32 (where batch invariance is exact) unless ``overrides`` say otherwise."""
     cfg = load_config(
-        overrides=["ray.progress_bars=false", *overrides],
+        overrides=["ray.progress_bars=false", "inference.precision=fp32", *overrides],
         **{"input.path": str(manifest), "output.path": str(out), "model.name": str(model), **values},
     )
     return run_job(cfg)
@@ -190,7 +191,8 @@ def test_a_finished_output_is_left_alone_unless_overwrite(ray_cluster, corpus, l
     assert again["already_complete"] and again["rows_out"] == 25
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == files  # nothing written
     # Another model into the same folder is refused: its rows would mix with these.
-    with pytest.raises(JobError, match="holds a finished run of another input, model, audio settings, precision or decoder"):
+    refused = "holds a finished run of another input, model, audio settings, precision or decoder"
+    with pytest.raises(JobError, match=refused):
         run(ray_cluster, corpus, out, group_model)
     stray = tmp_path / "stray"
     stray.mkdir()
@@ -223,3 +225,18 @@ def test_building_the_dataset_warns_of_nothing(ray_cluster, corpus, layer_model,
         build_dataset(p, p.manifest)
     ours = [f"{w.category.__name__}: {w.message}" for w in caught if Path(w.filename).parent.name == "pipeline"]
     assert ours == [], [f"{w.filename}: {w.message}" for w in caught]
+
+
+def test_a_stand_in_model_runs_in_the_replicas(ray_cluster, corpus, layer_model, tmp_path):
+    """run_job(load=...) gives every replica another transcriber (the benchmark's stand-in): every
+    row passes through it once, and the output records what ran."""
+    from jobs.stand_in import StandInLoader
+
+    cfg = load_config(overrides=["ray.progress_bars=false"], **{
+        "input.path": str(corpus), "output.path": str(tmp_path / "out"), "model.name": str(layer_model)})
+    summary = run_job(cfg, load=StandInLoader(rate=1_000.0))
+    rows = by_id(tmp_path / "out")
+    assert summary["rows_in"] == summary["rows_out"] == len(rows) and summary["lost"] == summary["duplicated"] == 0
+    assert {r[S.TRANSCRIPT] for r in rows.values() if r[S.ERROR_KIND] is None} == {""}
+    meta = json.loads(pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata[b"corpus_transcribe"])
+    assert meta["precision"] == "stand-in" and summary["precision"] == "auto"

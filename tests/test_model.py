@@ -83,7 +83,7 @@ def _utterances(seed: int, count: int) -> list[np.ndarray]:
 @pytest.mark.parametrize("kind", ["group", "layer"])
 def test_batched_logits_equal_one_at_a_time_reference(kind, conv_encoder, group_model, layer_model):
     model_dir = group_model if kind == "group" else layer_model
-    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1, conv_encoder=conv_encoder)
+    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", threads=1, precision="fp32", conv_encoder=conv_encoder)
     assert t.batch_invariant and t.use_attention_mask and t.min_samples == 400
     assert (t.encoder is None) == (conv_encoder == "auto")
     ref = Reference.from_pretrained(model_dir)
@@ -172,7 +172,7 @@ def test_plain_zero_padding_is_what_the_exact_path_fixes(group_model):
 
     frames = lambda lengths: model._get_feat_extract_output_lengths(torch.tensor(lengths)).tolist()  # noqa: E731
     assert batch_deviation(plain, frames, 400) > 1e-2
-    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu")
+    t = CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32")
     assert t.batch_invariant and t.probe() < 1e-4
 
 
@@ -186,7 +186,7 @@ def test_models_the_exact_path_cannot_fix_fall_back_and_say_why_once(tmp_path, c
     for name in ("processor_config.json", "tokenizer_config.json", "vocab.json"):
         shutil.copy(group_model / name, tmp_path)
     with caplog.at_level(logging.WARNING, logger="pipeline.model.transcriber"):
-        t = CTCTranscriber(ModelSpec(str(tmp_path)), device="cpu")
+        t = CTCTranscriber(ModelSpec(str(tmp_path)), device="cpu", precision="fp32")
     assert not t.batch_invariant and t.valid_lengths.norm is None and not t.use_attention_mask
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "data2vec-audio" in warnings[0] and "not batch-invariant" in warnings[0]
@@ -198,7 +198,7 @@ def test_models_the_exact_path_cannot_fix_fall_back_and_say_why_once(tmp_path, c
 def test_a_second_group_norm_model_is_exact_too(tmp_path):
     """A different seed, so invariance is not a property of one set of weights."""
     model_dir = make_ctc_model(tmp_path / "m", norm="group", seed=7)
-    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu")
+    t = CTCTranscriber(ModelSpec(str(model_dir)), device="cpu", precision="fp32")
     ref = Reference.from_pretrained(model_dir)
     batch = _utterances(9, 6)
     assert t.transcribe(batch) == [ref(w) for w in batch]
@@ -308,7 +308,7 @@ def test_pickle_weights_are_refused_unless_allowed(group_model, tmp_path):
         run_job(cfg)
     allowed = ModelSpec(str(pickled), allow_pickle_weights=True)
     allowed.check_local_weights()
-    t = CTCTranscriber(allowed, device="cpu")
+    t = CTCTranscriber(allowed, device="cpu", precision="fp32")
     ref = Reference.from_pretrained(group_model)
     batch = _utterances(5, 3)
     assert t.transcribe(batch) == [ref(w) for w in batch]
@@ -325,8 +325,8 @@ def test_a_checkpoint_whose_processor_decodes_with_an_lm_loads_and_decodes_greed
     settings = json.loads(config.read_text()) if config.exists() else {}
     config.write_text(json.dumps({**settings, "processor_class": "Wav2Vec2ProcessorWithLM"}))
     batch = _utterances(6, 3)
-    got = CTCTranscriber(ModelSpec(str(folder)), device="cpu").transcribe(batch)
-    assert got == CTCTranscriber(ModelSpec(str(group_model)), device="cpu").transcribe(batch)
+    got = CTCTranscriber(ModelSpec(str(folder)), device="cpu", precision="fp32").transcribe(batch)
+    assert got == CTCTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32").transcribe(batch)
     assert got == [Reference.from_pretrained(group_model)(w) for w in batch]
 
 

@@ -51,6 +51,7 @@ class LengthTranscriber:
     ``bad`` fails. Records every batch it was given."""
 
     min_samples = 400
+    precision = "fp32"
 
     def __init__(self, bad: Sequence[int] = ()):
         self.bad = set(bad)
@@ -172,7 +173,7 @@ def test_the_real_model_code_starts_batches_ahead_and_a_failing_row_fails_alone(
     the reference's."""
     rng = np.random.default_rng(0)
     waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
-    transcriber = StartsAheadTranscriber(ModelSpec(str(group_model)), device="cpu")
+    transcriber = StartsAheadTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32")
     stage = TranscribeStage(lambda: transcriber, InferenceConfig(max_batch_samples=100_000), "m", METADATA)
     out = stage(_chunked(_decoded_table(waves))).to_pylist()
 
@@ -200,7 +201,8 @@ def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):
     code = ("import logging; from pipeline.config import InferenceConfig; "
             "from pipeline.model.spec import ModelSpec, TranscriberLoader; "
             "from pipeline.transcribe import TranscribeStage; "
-            f"TranscribeStage(TranscriberLoader(ModelSpec({str(group_model)!r}), InferenceConfig(device='cpu'), 1), "
+            f"TranscribeStage(TranscriberLoader(ModelSpec({str(group_model)!r}), "
+            "InferenceConfig(device='cpu', precision='fp32'), 1), "
             "InferenceConfig(), 'm', {}, log_level=logging.INFO)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent, check=True)

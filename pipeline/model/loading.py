@@ -2,10 +2,10 @@
 
 - :func:`load_model`: feature extractor, tokenizer and CTC model through the ``Auto`` classes, so a
   hub id and a local folder take the same path; safetensors only unless pickle is allowed.
-- Precision: autocast to :data:`PRECISIONS`; fp32 means IEEE fp32 on GPUs (:func:`ieee_fp32`);
-  linear weights stored in the autocast dtype (:func:`cast_linear_weights`); on CPUs the positional
-  conv kept in fp32 where this torch build computes it wrongly in reduced precision
-  (:func:`guard_positional_conv`).
+- Precision: ``auto`` resolved per device (:func:`resolve_precision`); autocast to :data:`PRECISIONS`;
+  fp32 means IEEE fp32 on GPUs (:func:`ieee_fp32`); linear weights stored in the autocast dtype
+  (:func:`cast_linear_weights`); on CPUs the positional conv kept in fp32 where this torch build
+  computes it wrongly in reduced precision (:func:`guard_positional_conv`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,20 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("inference.device = cuda, but this process sees no GPU")
     return torch.device(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU from Ampere on, a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``inference.precision`` for ``device``: ``auto`` is bf16 where it is native, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def load_model(spec: ModelSpec, device: torch.device):

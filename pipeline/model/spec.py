@@ -111,7 +111,7 @@ class TranscriberLoader:
 
     spec: ModelSpec
     inference: InferenceConfig
-    threads: int
+    threads: int | None  # torch's CPU threads; None: torch's default
 
     def __call__(self) -> CTCTranscriber:
         started = time.perf_counter()

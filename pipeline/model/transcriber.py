@@ -39,6 +39,7 @@ from pipeline.model.loading import (
     ieee_fp32,
     load_model,
     resolve_device,
+    resolve_precision,
 )
 from pipeline.model.spec import ModelSpec
 
@@ -72,6 +73,7 @@ class CTCTranscriber:
         self.device = resolve_device(device)
         feature_extractor, self.tokenizer, self.model = load_model(spec, self.device)
         self.decoder = GreedyCTCDecoder(self.tokenizer, self.model.config.vocab_size)
+        self.precision = precision = resolve_precision(precision, self.device)
         self.autocast = PRECISIONS[precision]
         if conv_encoder == "auto":
             conv_encoder = ("batched" if self.device.type == "cuda" else
@@ -104,7 +106,7 @@ class CTCTranscriber:
         )
 
     @classmethod
-    def from_config(cls, spec: ModelSpec, inference: InferenceConfig, threads: int) -> CTCTranscriber:
+    def from_config(cls, spec: ModelSpec, inference: InferenceConfig, threads: int | None) -> CTCTranscriber:
         """The transcriber a replica runs with the ``inference`` config section."""
         return cls(spec, device=inference.device, threads=threads, precision=inference.precision,
                    conv_encoder=inference.conv_encoder)

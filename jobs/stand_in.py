@@ -1,0 +1,63 @@
+"""A calibrated stand-in for a GPU replica's model, for measuring the job's own machinery on a CPU.
+
+:class:`StandInTranscriber` has the transcriber's interface (:class:`pipeline.transcribe.Transcriber`)
+and behaves like a model on an accelerator that runs ``rate`` audio-seconds per second of padded
+batch: :meth:`start` queues a batch and returns at once, the "device" runs queued batches one after
+another, and :meth:`finish` waits (sleeping, using no CPU) until that batch is done. So Ray Data's
+scheduling, object-store transfers, per-call planning, the drain at each call's end, decoding and
+writing are measured against a known ceiling: the job can at best run at ``rate``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+class StandInTranscriber:
+    """Texts are empty; the time is the model's."""
+
+    precision = "stand-in"
+
+    def __init__(self, rate: float, min_samples: int = 400):
+        self.rate = rate  # audio-seconds of padded batch per second
+        self.min_samples = min_samples
+        self._free_at = 0.0  # when the "device" has run every batch queued so far
+
+    def start(self, waves: Sequence[np.ndarray]) -> tuple[float, int]:
+        """Queue a batch; return when it will be done and its rows."""
+        padded = len(waves) * max(len(w) for w in waves)
+        self._free_at = max(time.monotonic(), self._free_at) + padded / SAMPLE_RATE / self.rate
+        return self._free_at, len(waves)
+
+    def finish(self, started: tuple[float, int]) -> list[str]:
+        done_at, rows = started
+        time.sleep(max(0.0, done_at - time.monotonic()))
+        return [""] * rows
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
+        """Each batch started before the one ahead is finished, as the real transcriber does."""
+        pending = None
+        for waves in [*batches, None]:
+            started = self.start(waves) if waves is not None else None
+            if pending is not None:
+                yield self.finish(pending)
+            pending = started
+
+    def release_memory(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StandInLoader:
+    """Picklable: what a replica calls to build its stand-in (see ``TranscribeStage``'s ``load``)."""
+
+    rate: float
+
+    def __call__(self) -> StandInTranscriber:
+        return StandInTranscriber(self.rate)
