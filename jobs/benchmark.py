@@ -257,19 +257,21 @@ def _decode_file(path: Path) -> int:
     return len(decode_audio(str(path)).audio)
 
 
-def decode_plain(paths: list[Path], processes: int) -> None:
-    """What the CPUs can decode: the job's decode function on every file in ``processes`` plain
-    processes (soundfile, soxr, normalisation), without Ray, isolation or Arrow."""
+def decode_plain(paths: list[Path], processes: int) -> float:
+    """Seconds the CPUs take to decode every file: the job's decode function in ``processes`` plain
+    processes (soundfile, soxr, normalisation), without Ray, isolation or Arrow; the processes
+    started and their imports done before the clock starts."""
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        pool.map(_decode_file, paths, chunksize=8)
+        pool.map(_decode_file, paths[:processes], chunksize=1)
+        return timed(lambda: pool.map(_decode_file, paths, chunksize=4))
 
 
-def decode_on_ray(cfg: JobConfig) -> None:
-    """The job's decode step alone on Ray (the same tasks, isolation and blocks), its output
-    materialised in Ray's object store as the replicas would take it."""
+def decode_on_ray(cfg: JobConfig) -> float:
+    """Seconds the job's decode step alone takes on Ray (the same tasks, isolation and blocks), its
+    output materialised in Ray's object store as the replicas would take it; Ray started before."""
     p = plan_job(cfg)
     with ray_session(cfg):
-        decode_dataset(p, p.manifest).materialize()
+        return timed(lambda: decode_dataset(p, p.manifest).materialize())
 
 
 def decoding(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], seed: int = 0) -> dict[str, float]:
@@ -395,7 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="where 1-3 run; with cuda the job gets one GPU replica (inference.gpus_per_replica=1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for 1-3")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline"], help="leave out slow peers")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["seed", "hf-pipeline", "model"],
+                    help="leave out slow peers; model: every path that runs the model (3, 3b, 4), e.g. to time "
+                         "only --stand-in and --decode-ceiling on a long corpus")
     ap.add_argument("--budgets", nargs="*", type=int, default=[], metavar="SAMPLES",
                     help="also time replica-alone at these inference.max_batch_samples, to pick the "
                          "budget for this device (e.g. 400000 800000 1600000 3200000)")
@@ -468,10 +472,12 @@ def main(argv: list[str] | None = None) -> dict:
                     timed(lambda: hf_pipeline(model_dir, paths, args.device)))
             gc.collect()  # 3 and 3b time only their forward passes, after this
             waves, plan = sorted_batches(paths, inference.max_batch_samples, inference.max_padding_waste)
-            bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device, passes)
-            record(seconds, "bare-forward", bare_s)
-            record(seconds, "replica-alone",
-                   replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
+            models = "model" not in args.skip
+            if models:
+                bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device, passes)
+                record(seconds, "bare-forward", bare_s)
+                record(seconds, "replica-alone",
+                       replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
                 record(seconds, "stage-alone", stage_alone(plan_job(job_cfg), args.threads, passes))
             if args.decode_cost:
@@ -486,16 +492,19 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds.setdefault("stand-in", []).append(stand_in_alone(args.stand_in, waves, plan))
             del waves
             gc.collect()  # else Ray's driver collects the peers' models and pipelines during the job
-            summary = run_job(job_cfg)
-            summaries.append(summary)
-            seconds.setdefault("job", []).append(summary["wall_s"])
+            if models:
+                summary = run_job(job_cfg)
+                summaries.append(summary)
+                seconds.setdefault("job", []).append(summary["wall_s"])
+                seconds.setdefault("job-run", []).append(summary["phases_s"]["run"])
             if args.stand_in:
                 stand_in_job = run_job(job_cfg, load=StandInLoader(args.stand_in))
                 seconds.setdefault("job-stand-in", []).append(stand_in_job["wall_s"])
+                seconds.setdefault("job-stand-in-run", []).append(stand_in_job["phases_s"]["run"])
             if args.decode_ceiling:
-                seconds.setdefault("decode-plain", []).append(timed(lambda: decode_plain(paths, args.threads)))
-                seconds.setdefault("decode-job", []).append(timed(lambda: decode_on_ray(job_cfg)))
-            if args.job_marginal:
+                seconds.setdefault("decode-plain", []).append(decode_plain(paths, args.threads))
+                seconds.setdefault("decode-job", []).append(decode_on_ray(job_cfg))
+            if args.job_marginal and models:
                 half_summary = run_job(job_config(model_dir, tmp / "half", tmp / "out", args.precision,
                                                   args.overrides, args.device))
                 added = summary["wall_s"] - half_summary["wall_s"]
@@ -510,12 +519,13 @@ def main(argv: list[str] | None = None) -> dict:
             sweep[budget] = audio_s / statistics.median(alone)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
-    jobs = [name for name in ("job", "job-marginal") if name in speed]
+    jobs = [name for name in ("job", "job-run", "job-marginal") if name in speed]
     # Measures of the job's machinery, each against its own ceiling (below), not against the model paths.
-    apart = ("stand-in", "job-stand-in", "decode-plain", "decode-job")
+    apart = ("stand-in", "job-stand-in", "job-stand-in-run", "decode-plain", "decode-job")
     ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed
               if name not in (*jobs, *apart)}
-    for path, ceiling in [("job-stand-in", "stand-in"), ("decode-job", "decode-plain")]:
+    for path, ceiling in [("job-stand-in", "stand-in"), ("job-stand-in-run", "stand-in"),
+                          ("decode-job", "decode-plain")]:
         if path in speed:
             ratios[f"{path}/{ceiling}"] = speed[path] / speed[ceiling]
     for name in speed:  # the job's calls or another encoder against the job's model code
@@ -531,8 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
         "allocator": "glibc defaults" if args.glibc_malloc else "CPU_REPLICA_ENV",
         "audio_s_per_s": {k: round(v, 2) for k, v in speed.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4),
-        "bare_forward_padding_waste": round(bare_waste, 4),
+        "padding_waste": round(statistics.median(s["padding_waste"] for s in summaries), 4) if summaries else None,
+        "bare_forward_padding_waste": round(bare_waste, 4) if summaries else None,
         "seconds": seconds,
         "replica_alone_by_budget": {str(b): round(v, 2) for b, v in sweep.items()},
         "decoding_audio_s_per_s": {k: round(audio_s / statistics.median(v), 1) for k, v in decode_s.items()},
@@ -545,8 +555,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:{width}s} {value:10.2f}")
     for name, value in ratios.items():
         print(f"{name:{width}s} {value:9.2f}x")
-    print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
-          f"corpus) {bare_waste:.2%}")
+    if summaries:
+        print(f"padding waste: job {result['padding_waste']:.2%}, bare forward (one plan over the whole "
+              f"corpus) {bare_waste:.2%}")
+        result["job_phases_s"] = {k: round(statistics.median(s["phases_s"][k] for s in summaries), 2)
+                                  for k in summaries[0]["phases_s"]}
+        print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
     if args.job_marginal:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)

@@ -30,8 +30,12 @@ class StandInTranscriber:
         self._free_at = 0.0  # when the "device" has run every batch queued so far
 
     def start(self, waves: Sequence[np.ndarray]) -> tuple[float, int]:
-        """Queue a batch; return when it will be done and its rows."""
-        padded = len(waves) * max(len(w) for w in waves)
+        """Pad the batch on the host, as the real replica does, and queue it; return when it will be
+        done and its rows."""
+        batch = np.zeros((len(waves), max(len(w) for w in waves)), dtype=np.float32)
+        for row, wave in zip(batch, waves, strict=True):
+            row[: len(wave)] = wave
+        padded = batch.size
         self._free_at = max(time.monotonic(), self._free_at) + padded / SAMPLE_RATE / self.rate
         return self._free_at, len(waves)
 

@@ -69,7 +69,7 @@ def plan(cfg: JobConfig) -> Plan:
     """Read the manifest and the model's front end, settle the output's state; raise before any work."""
     if not cfg.output.path:
         raise JobError("output.path is not set: pass --output OUT_DIR")
-    out = Path(cfg.output.path)
+    out = Path(cfg.output.path).absolute()  # the writers do not share this process's working directory
     output.check_folder(out)
     try:
         import_function(cfg.decode.function)
@@ -252,19 +252,25 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
         log.info("resuming an unfinished run: %d of %d rows are already in %s",
                  p.manifest.num_rows - todo.num_rows, p.manifest.num_rows, p.output)
     log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
+    marks = [("plan", time.perf_counter())]  # where the job's time goes, phase by phase
     with ray_session(cfg) as workers_have_env:
         p.cfg = cfg = sized_config(cfg)
         check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        marks.append(("ray_start", time.perf_counter()))
         if todo.num_rows:
             try:
                 for _ in build_dataset(p, todo, workers_have_env).iter_batches(batch_size=None):
                     pass
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
+        marks.append(("run", time.perf_counter()))
+    marks.append(("ray_stop", time.perf_counter()))
     summary = {**output.summarize(p.output, p.manifest, time.perf_counter() - started),
                "resumed": p.state is State.RESUME, "fingerprint": p.fingerprint, **metadata(p),
-               "config": cfg.model_dump()}
+               "config": cfg.model_dump(),
+               "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
+                            zip([(None, started), *marks], marks, strict=False)}}
     shards = output.commit(p.output, summary)
     log.info("committed %d shards to %s", len(shards), p.output / output.MANIFEST_FILE)
     return summary

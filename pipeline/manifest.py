@@ -63,7 +63,7 @@ def read_manifest(cfg: InputConfig) -> pa.Table:
     path = bundled.input_path(cfg.path)
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "folder":
-        table = _list_folder(Path(path))
+        table = _list_folder(Path(path).absolute())  # absolute: workers do not share our working directory
     elif fmt == "hf":
         table = _read_hf(path, cfg)
     else:
@@ -124,8 +124,9 @@ def _as_strings(col: pa.ChunkedArray) -> list:
 
 
 def _normalize(table: pa.Table, source: str, where) -> pa.Table:
-    """Map a manifest's columns onto the manifest schema; relative paths resolve against its folder."""
-    base_dir = Path(source).parent
+    """Map a manifest's columns onto the manifest schema; relative paths resolve against its folder,
+    to absolute paths: a worker's working directory is not the driver's."""
+    base_dir = Path(source).absolute().parent
     path_col = _pick(table, S.PATH_ALIASES)
     if path_col is None:
         raise ManifestError(

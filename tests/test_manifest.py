@@ -98,3 +98,16 @@ def test_unknown_input_and_bundled_inputs(tmp_path):
     assert Path(bundled.model_path("@demo"), "model.safetensors").is_file()
     with pytest.raises(ConfigError, match=r"input.path = '@nope': unknown bundled name; use one of @sample, @heldout"):
         load_config(**{"input.path": "@nope"})
+
+
+def test_relative_inputs_become_absolute_paths(tmp_path, monkeypatch):
+    """A worker's working directory is not the driver's: every path the job ships is absolute."""
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    sf.write(tmp_path / "corpus" / "sub" / "a.wav", np.zeros(800, np.float32), 16_000)
+    (tmp_path / "corpus" / "m.csv").write_text("id,path\na,sub/a.wav\nb,/abs/b.wav\n")
+    monkeypatch.chdir(tmp_path)
+    listed = read_manifest(InputConfig(path="corpus/m.csv"))
+    assert listed[S.PATH].to_pylist() == [str(tmp_path / "corpus" / "sub" / "a.wav"), "/abs/b.wav"]
+    folder = read_manifest(InputConfig(path="corpus/sub"))
+    assert folder[S.ID].to_pylist() == ["a.wav"]
+    assert folder[S.PATH].to_pylist() == [str(tmp_path / "corpus" / "sub" / "a.wav")]

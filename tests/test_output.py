@@ -112,3 +112,15 @@ def test_another_jobs_files_or_an_unwritable_folder_are_refused(tmp_path):
         (tmp_path / "ro").mkdir(mode=0o500)
         with pytest.raises(JobError, match="not writable"):
             output.prepare(tmp_path / "ro", False, "fp")
+
+
+def test_a_relative_output_folder_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """The shard writers run in Ray workers, whose working directory is not the driver's."""
+    from helpers import ROOT
+
+    from pipeline.config import load_config
+    from pipeline.engine import plan
+
+    monkeypatch.chdir(tmp_path)
+    p = plan(load_config(ROOT / "configs" / "demo.yaml", ["output.path=rel/out"]))
+    assert p.output == tmp_path / "rel" / "out" and p.output.is_dir()
