@@ -120,6 +120,11 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     assert summary["audio_hours"] == pytest.approx((sum(DURATIONS) + 100 / 16_000) / 3600, rel=1e-3)
     assert summary["audio_s_per_s"] > 0 and summary["wall_s"] > 0 and summary["padding_waste"] >= 0
     assert summary["shards"] == len(list(out.glob("*.parquet"))) >= 3
+    phases = summary["phases_s"]  # where the time went; Ray was already running (the session's cluster)
+    assert list(phases) == ["plan", "ray_start", "run", "ray_stop"] and min(phases.values()) >= 0
+    assert phases["run"] > 0 and sum(phases.values()) <= summary["wall_s"]
+    sized = summary["config"]["inference"]  # auto settings sized from the session's 2-CPU cluster
+    assert (sized["min_replicas"], sized["gpus_per_replica"], sized["torch_threads"]) == (1, 0.0, 2)
     # Every file that is not a shard starts with "_".
     assert all(p.suffix == ".parquet" or p.name.startswith("_") for p in out.iterdir())
     assert pads.dataset(out, format="parquet").count_rows() == 25
