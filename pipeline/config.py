@@ -48,6 +48,9 @@ class OutputConfig(_Section):
     overwrite: bool = False
     rows_per_shard: int = Field(10_000, ge=1)
     max_retries: int = Field(3, ge=0)  # Ray's retries of a shard-writing task whose worker died
+    # The job exits 1 (after committing everything) when at least this fraction of its rows are
+    # error rows, so a scheduler notices a run that transcribed little; 1.0: when every row failed.
+    max_error_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class ModelConfig(_Section):

@@ -246,6 +246,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
         summary = output.finished_summary(p.output)
         log.warning("%s already holds the finished result of this job (%d rows); nothing to do",
                     p.output, summary["rows_out"])
+        output.check_errors(p.output, summary, cfg.output.max_error_fraction)
         return {**summary, "already_complete": True}
     todo = output.begin(p.output, p.state, p.fingerprint, p.manifest)
     if p.state is State.RESUME:
@@ -273,6 +274,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                             zip([(None, started), *marks], marks, strict=False)}}
     shards = output.commit(p.output, summary)
     log.info("committed %d shards to %s", len(shards), p.output / output.MANIFEST_FILE)
+    output.check_errors(p.output, summary, cfg.output.max_error_fraction)
     return summary
 
 

@@ -155,6 +155,18 @@ def begin(output: Path, state: State, fingerprint: str, manifest: pa.Table) -> p
     return manifest.filter(pc.invert(pc.is_in(manifest[S.ID], value_set=done)))
 
 
+def check_errors(output: Path, summary: dict[str, Any], max_fraction: float) -> None:
+    """Raise :class:`JobError` when at least ``max_fraction`` of a committed run's rows are error rows."""
+    rows, errors = summary["rows_out"], summary["errors"]
+    if rows and errors >= max_fraction * rows:
+        by_kind = sorted(summary["errors_by_kind"].items(), key=lambda kv: -kv[1])
+        common = ", ".join(f"{kind} {n}" for kind, n in by_kind[:3])
+        raise JobError(
+            f"{errors} of {rows} rows are error rows ({common}), at least output.max_error_fraction = "
+            f"{max_fraction:g} of them; the output is committed in {output} (see {SUMMARY_FILE})"
+        )
+
+
 def finished_summary(output: Path) -> dict[str, Any]:
     """The summary of the finished run in ``output``."""
     return json.loads((output / SUMMARY_FILE).read_text())

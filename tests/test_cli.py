@@ -109,3 +109,17 @@ def test_output_that_is_a_file_is_refused(tmp_path, group_model):
     proc = transcribe("--input", "@sample", "--output", str(tmp_path / "taken"), "--model", str(group_model))
     assert proc.returncode == 1
     assert "exists and is not a folder" in proc.stderr
+
+
+@pytest.mark.integration
+def test_a_run_where_every_row_failed_exits_1_after_committing_and_again_on_rerun(tmp_path):
+    """A scheduler must notice a run that transcribed nothing (output.max_error_fraction, default 1.0)."""
+    (tmp_path / "m.csv").write_text("id,path\na,gone/a.wav\nb,gone/b.wav\n")
+    args = ("--input", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"), "--model", "@demo", "-q")
+    for _ in range(2):  # the rerun finds the finished output, and fails again
+        proc = transcribe(*args)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"transcribe: error: 2 of 2 rows are error rows (not_found 2), at least output.max_error_fraction = 1 "
+            f"of them; the output is committed in {tmp_path / 'out'} (see _summary.json)")
+    assert (tmp_path / "out" / "_manifest.json").exists()

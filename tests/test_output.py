@@ -3,6 +3,7 @@ their ids, the folder's states, the commit's check, and what readers read."""
 
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,3 +125,12 @@ def test_a_relative_output_folder_is_made_absolute_on_the_driver(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     p = plan(load_config(ROOT / "configs" / "demo.yaml", ["output.path=rel/out"]))
     assert p.output == tmp_path / "rel" / "out" and p.output.is_dir()
+
+
+def test_a_run_whose_rows_mostly_failed_is_committed_and_then_fails():
+    summary = {"rows_out": 4, "errors": 3, "errors_by_kind": {"not_found": 2, "decode_error": 1}}
+    output.check_errors(Path("/out"), summary, 1.0)  # not every row failed
+    with pytest.raises(JobError, match=r"^3 of 4 rows are error rows \(not_found 2, decode_error 1\), at least "
+                                       r"output.max_error_fraction = 0.75 of them; the output is committed in /out"):
+        output.check_errors(Path("/out"), summary, 0.75)
+    output.check_errors(Path("/out"), {"rows_out": 0, "errors": 0, "errors_by_kind": {}}, 1.0)
