@@ -370,7 +370,7 @@ def roofline(flop_per_audio_s: float, speed: dict[str, float], precision: str, d
     peaks = {p: matmul_peak(p, device) for p in dict.fromkeys(["fp32", precision])}
     ceiling = {p: peak / flop_per_audio_s for p, peak in peaks.items()}
     share = {name: value * flop_per_audio_s / peaks["fp32" if name in ("seed", "hf-pipeline") else precision]
-             for name, value in speed.items()}
+             for name, value in speed.items() if not name.startswith(("stand-in", "job-stand-in", "decode-"))}
     print(f"arithmetic: {flop_per_audio_s / 1e9:.2f} GFLOP per audio second (the stock forward on 3's "
           "batches: matmuls, convolutions, attention)")
     print("matmul peak (4096x768 by 768x3072): " + ", ".join(
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.precision = resolve_precision(args.precision, torch.device(args.device))
     # The job's own defaults size it (one CPU replica using every core; one replica per GPU).
     defaults = [f"ray.num_cpus={args.threads}"] + (
-        ["inference.max_replicas=1", "inference.device=cuda"] if args.device == "cuda" else [])
+        ["inference.max_replicas=1", "inference.device=cuda"] if args.device == "cuda" else ["inference.device=cpu"])
     args.overrides = defaults + (args.overrides or [])
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["job_phases_s"] = {k: round(statistics.median(s["phases_s"][k] for s in summaries), 2)
                                   for k in summaries[0]["phases_s"]}
         print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
-    if args.job_marginal:
+    if args.job_marginal and summaries:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)
         print(f"job start-up, estimated (job's wall time less the corpus at job-marginal's speed): {startup:.1f} s")

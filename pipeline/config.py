@@ -124,7 +124,7 @@ class InferenceConfig(_Section):
                 f"inference.max_replicas = {self.max_replicas}: must be >= inference.min_replicas "
                 f"({self.min_replicas})"
             )
-        if self.precision == "fp16" and self.gpus_per_replica == 0:
+        if self.precision == "fp16" and (self.gpus_per_replica == 0 or self.device == "cpu"):
             raise ValueError(
                 "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0); "
                 "use bf16 on CPUs"
@@ -222,14 +222,16 @@ def resolve_resources(cfg: JobConfig, node_cpus: float, gpus: float) -> JobConfi
     inf = cfg.inference
     gpus_per = inf.gpus_per_replica
     if gpus_per is None:
-        gpus_per = 1.0 if gpus >= 1 and inf.device != "cpu" else 0.0
+        gpus_per = 1.0 if inf.device == "cuda" or (gpus >= 1 and inf.device != "cpu") else 0.0
+    # Ray does not hide GPUs from a replica it gives none, so one without a GPU is told to use the CPU.
+    device = "cpu" if gpus_per == 0 and inf.device == "auto" else inf.device
     fitting = max(1, int(gpus // gpus_per)) if gpus_per else 1
     min_replicas = inf.min_replicas or min(fitting, inf.max_replicas or fitting)
     max_replicas = inf.max_replicas or max(min_replicas, fitting)
     cpus = inf.cpus_per_replica or 1.0
     threads = inf.torch_threads or (max(1, int(cpus)) if gpus_per else max(1, int(node_cpus) // max_replicas))
     sized = {"min_replicas": min_replicas, "max_replicas": max_replicas, "cpus_per_replica": cpus,
-             "gpus_per_replica": gpus_per, "torch_threads": threads}
+             "gpus_per_replica": gpus_per, "torch_threads": threads, "device": device}
     try:
         return cfg.model_copy(update={"inference": InferenceConfig.model_validate({**inf.model_dump(), **sized})})
     except ValidationError as err:

@@ -26,7 +26,7 @@ import pipeline
 from pipeline import output
 from pipeline.config import DEFAULT_DECODER, JobConfig, resolve_resources
 from pipeline.decode import DecodeStage
-from pipeline.errors import ConfigError, JobError, ManifestError
+from pipeline.errors import JobError, ManifestError
 from pipeline.isolation import import_function
 from pipeline.manifest import read_manifest
 from pipeline.memory import CPU_REPLICA_ENV, environ
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
-    """Everything settled on the driver before Ray does any work."""
+    """Everything settled on the driver before Ray does any work (the config's auto settings are
+    sized once Ray has started: :func:`sized_config`)."""
 
     cfg: JobConfig
     manifest: pa.Table
@@ -65,8 +66,9 @@ class Plan:
         }
 
 
-def plan(cfg: JobConfig) -> Plan:
-    """Read the manifest and the model's front end, settle the output's state; raise before any work."""
+def plan(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> Plan:
+    """Read the manifest and the model's front end, settle the output's state; raise before any work.
+    ``load``: another transcriber for the replicas (see :func:`run_job`)."""
     if not cfg.output.path:
         raise JobError("output.path is not set: pass --output OUT_DIR")
     out = Path(cfg.output.path).absolute()  # the writers do not share this process's working directory
@@ -94,13 +96,16 @@ def plan(cfg: JobConfig) -> Plan:
     settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(), "precision": cfg.inference.precision}
     if cfg.decode.function != DEFAULT_DECODER:
         settings["decoder"] = cfg.decode.function
+    if load is not None:
+        settings["transcriber"] = repr(load)
     fingerprint = output.fingerprint(manifest, settings)
     state = output.prepare(out, cfg.output.overwrite, fingerprint)
-    return Plan(cfg, manifest, front_end, spec, out, fingerprint, state)
+    return Plan(cfg, manifest, front_end, spec, out, fingerprint, state, load)
 
 
 def metadata(p: Plan) -> dict[str, Any]:
-    """What the Parquet files and the summary record about how they were made."""
+    """What the Parquet files and the summary record about how they were made (the precision as
+    configured; each replica records the one it runs in its shards, and the summary reads them)."""
     return {
         "model": p.spec.name,
         "model_revision": p.spec.revision,
@@ -140,12 +145,10 @@ def ray_session(cfg: JobConfig) -> Iterator[bool]:
 
 
 def sized_config(cfg: JobConfig) -> JobConfig:
-    """``cfg`` with its auto settings sized from what Ray reports now (:func:`resolve_resources`)."""
+    """``cfg`` with its auto settings sized from what Ray reports now (:func:`resolve_resources`);
+    raises :class:`ConfigError` for settings that cannot hold on this cluster."""
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
-    try:
-        sized = resolve_resources(cfg, node_cpus, ray.cluster_resources().get("GPU", 0.0))
-    except ConfigError as exc:
-        raise JobError(str(exc)) from None
+    sized = resolve_resources(cfg, node_cpus, ray.cluster_resources().get("GPU", 0.0))
     inf = sized.inference
     log.info("%d-%d replicas, each %g CPUs, %g GPUs and %d torch threads", inf.min_replicas, inf.max_replicas,
              inf.cpus_per_replica, inf.gpus_per_replica, inf.torch_threads)
@@ -240,24 +243,24 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     each, which deadlocks a small node, and it needs a file reader as the source.)
     """
     started = time.perf_counter()
-    p = plan(cfg)
-    p.load = load
+    p = plan(cfg, load)
     if p.state is State.DONE:
         summary = output.finished_summary(p.output)
         log.warning("%s already holds the finished result of this job (%d rows); nothing to do",
                     p.output, summary["rows_out"])
         output.check_errors(p.output, summary, cfg.output.max_error_fraction)
         return {**summary, "already_complete": True}
-    todo = output.begin(p.output, p.state, p.fingerprint, p.manifest)
-    if p.state is State.RESUME:
-        log.info("resuming an unfinished run: %d of %d rows are already in %s",
-                 p.manifest.num_rows - todo.num_rows, p.manifest.num_rows, p.output)
-    log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
     marks = [("plan", time.perf_counter())]  # where the job's time goes, phase by phase
     with ray_session(cfg) as workers_have_env:
         p.cfg = cfg = sized_config(cfg)
         check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        # Only now, with the settings known to hold: a run refused here leaves no _work behind.
+        todo = output.begin(p.output, p.state, p.fingerprint, p.manifest)
+        if p.state is State.RESUME:
+            log.info("resuming an unfinished run: %d of %d rows are already in %s",
+                     p.manifest.num_rows - todo.num_rows, p.manifest.num_rows, p.output)
+        log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
         marks.append(("ray_start", time.perf_counter()))
         if todo.num_rows:
             try:
@@ -269,6 +272,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     marks.append(("ray_stop", time.perf_counter()))
     summary = {**output.summarize(p.output, p.manifest, time.perf_counter() - started),
                "resumed": p.state is State.RESUME, "fingerprint": p.fingerprint, **metadata(p),
+               "precision": output.precision_as_run(p.output),
                "config": cfg.model_dump(),
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}

@@ -158,13 +158,24 @@ def begin(output: Path, state: State, fingerprint: str, manifest: pa.Table) -> p
 def check_errors(output: Path, summary: dict[str, Any], max_fraction: float) -> None:
     """Raise :class:`JobError` when at least ``max_fraction`` of a committed run's rows are error rows."""
     rows, errors = summary["rows_out"], summary["errors"]
-    if rows and errors >= max_fraction * rows:
+    if rows and errors / rows >= max_fraction:
         by_kind = sorted(summary["errors_by_kind"].items(), key=lambda kv: -kv[1])
         common = ", ".join(f"{kind} {n}" for kind, n in by_kind[:3])
         raise JobError(
             f"{errors} of {rows} rows are error rows ({common}), at least output.max_error_fraction = "
             f"{max_fraction:g} of them; the output is committed in {output} (see {SUMMARY_FILE})"
         )
+
+
+def precision_as_run(output: Path) -> str | None:
+    """The precision the replicas ran in, from the shards' metadata: one name, or several joined by
+    ``+`` where replicas on different devices resolved ``auto`` differently; None without shards."""
+    found = set()
+    for name in _shards(output):
+        meta = pq.read_schema(output / name).metadata or {}
+        if S.METADATA_KEY in meta:
+            found.add(json.loads(meta[S.METADATA_KEY]).get("precision"))
+    return "+".join(sorted(str(p) for p in found)) or None
 
 
 def finished_summary(output: Path) -> dict[str, Any]:

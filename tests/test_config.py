@@ -88,14 +88,15 @@ def test_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("cpus, gpus, sized", [
-    (2, 0, (1, 1, 1.0, 0.0, 2)),  # one CPU replica whose threads use the node's cores
-    (16, 1, (1, 1, 1.0, 1.0, 1)),  # one replica per GPU
-    (16, 8, (8, 8, 1.0, 1.0, 1)),
-    (16, 0.5, (1, 1, 1.0, 0.0, 16)),  # a GPU share is no GPU to size replicas by
+    (2, 0, (1, 1, 1.0, 0.0, 2, "cpu")),  # one CPU replica whose threads use the node's cores
+    (16, 1, (1, 1, 1.0, 1.0, 1, "auto")),  # one replica per GPU
+    (16, 8, (8, 8, 1.0, 1.0, 1, "auto")),
+    (16, 0.5, (1, 1, 1.0, 0.0, 16, "cpu")),  # a GPU share is no GPU to size replicas by
 ])
 def test_auto_settings_are_sized_from_what_ray_reports(cpus, gpus, sized):
     inf = resolve_resources(load_config(), cpus, gpus).inference
-    assert (inf.min_replicas, inf.max_replicas, inf.cpus_per_replica, inf.gpus_per_replica, inf.torch_threads) == sized
+    assert (inf.min_replicas, inf.max_replicas, inf.cpus_per_replica, inf.gpus_per_replica, inf.torch_threads,
+            inf.device) == sized
 
 
 def test_set_settings_are_kept_and_auto_ones_fit_them():
@@ -106,4 +107,9 @@ def test_set_settings_are_kept_and_auto_ones_fit_them():
     assert (gpu.min_replicas, gpu.max_replicas, gpu.cpus_per_replica, gpu.torch_threads) == (1, 8, 4.0, 4)
     with pytest.raises(ConfigError, match=r"inference.precision = 'fp16': needs GPU replicas"):
         resolve_resources(load_config(overrides=["inference.precision=fp16"]), 2, 0)
+    with pytest.raises(ConfigError, match=r"inference.precision = 'fp16': needs GPU replicas"):
+        load_config(overrides=["inference.precision=fp16", "inference.device=cpu"])
+    # Asked for GPUs where Ray reports none: GPU replicas still (the resource check then says so).
+    cuda = resolve_resources(load_config(overrides=["inference.device=cuda"]), 16, 0).inference
+    assert (cuda.gpus_per_replica, cuda.device) == (1.0, "cuda")
     assert load_config(overrides=["inference.max_replicas=auto"]).inference.max_replicas is None

@@ -39,7 +39,8 @@ def zoo_run(ray_cluster, tmp_path_factory):
     lines = [f"{row_id},{rel}" for row_id, (rel, _) in zoo.items()]
     (root / "manifest.csv").write_text("id,path\n" + "\n".join(lines) + "\n")
     cfg = load_config(
-        overrides=["ray.progress_bars=false", "inference.precision=fp32", "inference.max_batch_samples=200000",
+        overrides=["ray.progress_bars=false", "inference.device=cpu", "inference.precision=fp32",
+                   "inference.max_batch_samples=200000",
                    f"audio.max_file_bytes={fault_zoo.MAX_FILE_BYTES}", f"decode.timeout_s={TIMEOUT_S}",
                    "decode.max_attempts=2", "decode.rows_per_task=4", f"decode.function={FUNCTION}"],
         **{"input.path": str(root / "manifest.csv"), "output.path": str(base / "out"),

@@ -17,7 +17,7 @@ from helpers import write_tone_clips
 
 from pipeline import schema as S
 from pipeline.config import load_config
-from pipeline.engine import build_dataset, plan, run_job
+from pipeline.engine import build_dataset, plan, run_job, sized_config
 from pipeline.errors import ErrorKind, JobError, Stage
 from pipeline.model.reference import Reference
 from pipeline.output import SUMMARY_FILE, read_output
@@ -43,9 +43,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def run(ray_cluster, manifest, out, model, *overrides, **values):
-    """The job in fp32 (where batch invariance is exact) unless ``overrides`` say otherwise."""
+    """The job on CPU replicas in fp32 (where batch invariance is exact), unless ``overrides`` say otherwise."""
     cfg = load_config(
-        overrides=["ray.progress_bars=false", "inference.precision=fp32", *overrides],
+        overrides=["ray.progress_bars=false", "inference.device=cpu", "inference.precision=fp32", *overrides],
         **{"input.path": str(manifest), "output.path": str(out), "model.name": str(model), **values},
     )
     return run_job(cfg)
@@ -225,6 +225,7 @@ def test_building_the_dataset_warns_of_nothing(ray_cluster, corpus, layer_model,
     cfg = load_config(**{"input.path": str(corpus), "output.path": str(tmp_path / "out"),
                          "model.name": str(layer_model)})
     p = plan(cfg)
+    p.cfg = sized_config(cfg)  # as run_job does once Ray runs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_dataset(p, p.manifest)
@@ -244,4 +245,5 @@ def test_a_stand_in_model_runs_in_the_replicas(ray_cluster, corpus, layer_model,
     assert summary["rows_in"] == summary["rows_out"] == len(rows) and summary["lost"] == summary["duplicated"] == 0
     assert {r[S.TRANSCRIPT] for r in rows.values() if r[S.ERROR_KIND] is None} == {""}
     meta = json.loads(pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata[b"corpus_transcribe"])
-    assert meta["precision"] == "stand-in" and summary["precision"] == "auto"
+    assert meta["precision"] == summary["precision"] == "stand-in"  # as run; auto as configured
+    assert summary["config"]["inference"]["precision"] == "auto"

@@ -429,3 +429,14 @@ print(before, kept, anon())
     before, kept, trimmed = map(int, out.stdout.split())
     assert kept > before - 20, "the settings keep a freed block resident"
     assert trimmed < kept - 250, f"{kept} MB resident after the trim as before it"
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, precision", [(True, False, "bf16"), (False, True, "bf16"),
+                                                         (False, False, "fp32")])
+def test_auto_precision_is_bf16_where_the_cpu_computes_it_natively(monkeypatch, avx512_bf16, amx, precision):
+    from pipeline.model.loading import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", torch.device("cpu")) == precision
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # a set precision is kept
