@@ -122,7 +122,7 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     assert summary["shards"] == len(list(out.glob("*.parquet"))) >= 3
     phases = summary["phases_s"]  # where the time went; Ray was already running (the session's cluster)
     assert list(phases) == ["plan", "ray_start", "run", "ray_stop"] and min(phases.values()) >= 0
-    assert phases["run"] > 0 and sum(phases.values()) <= summary["wall_s"]
+    assert phases["run"] > 0 and sum(phases.values()) == pytest.approx(summary["wall_s"], abs=0.01)  # ms rounding
     sized = summary["config"]["inference"]  # auto settings sized from the session's 2-CPU cluster
     assert (sized["min_replicas"], sized["gpus_per_replica"], sized["torch_threads"]) == (1, 0.0, 2)
     # Every file that is not a shard starts with "_".
