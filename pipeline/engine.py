@@ -83,7 +83,7 @@ def plan(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> Plan:
     except ManifestError as exc:
         raise JobError(str(exc)) from None
     spec = ModelSpec(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code,
-                     cfg.model.allow_pickle_weights)
+                     cfg.model.allow_pickle_weights).located()
     try:
         spec.check_local_weights()
     except ValueError as exc:

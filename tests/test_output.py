@@ -115,16 +115,22 @@ def test_another_jobs_files_or_an_unwritable_folder_are_refused(tmp_path):
             output.prepare(tmp_path / "ro", False, "fp")
 
 
-def test_a_relative_output_folder_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
-    """The shard writers run in Ray workers, whose working directory is not the driver's."""
+def test_a_relative_output_folder_and_model_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """The shard writers and replicas run in Ray workers, whose working directory is not the driver's."""
+    import shutil
+
     from helpers import ROOT
 
+    from pipeline.bundled import model_path
     from pipeline.config import load_config
     from pipeline.engine import plan
 
+    shutil.copytree(model_path("@demo"), tmp_path / "models" / "demo")
     monkeypatch.chdir(tmp_path)
-    p = plan(load_config(ROOT / "configs" / "demo.yaml", ["output.path=rel/out"]))
+    p = plan(load_config(ROOT / "configs" / "demo.yaml", ["output.path=rel/out", "model.name=models/demo"]))
     assert p.output == tmp_path / "rel" / "out" and p.output.is_dir()
+    # So is a relative model folder, for the replicas; the outputs keep its name as configured.
+    assert (p.spec.name, p.spec.source) == ("models/demo", str(tmp_path / "models" / "demo"))
 
 
 def test_a_run_whose_rows_mostly_failed_is_committed_and_then_fails():

@@ -8,6 +8,7 @@ hundreds of MB that the driver and the decode workers do without.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,15 +33,24 @@ log = logging.getLogger(__name__)
 class ModelSpec:
     """Where a checkpoint comes from and how far it is trusted."""
 
-    name: str
+    name: str  # as configured: a hub id, a local folder or a bundled @name
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False  # pickle (.bin) weights can run code when loaded
+    folder: str | None = None  # a local folder's absolute path, settled on the driver (see located)
 
     @property
     def source(self) -> str:
-        """What ``from_pretrained`` gets: ``@demo`` resolved where this runs (driver or actor)."""
-        return bundled.model_path(self.name)
+        """What ``from_pretrained`` gets: the absolute folder, or ``@demo`` resolved where this runs
+        (driver or actor), or the hub id."""
+        return self.folder or bundled.model_path(self.name)
+
+    def located(self) -> ModelSpec:
+        """This spec with a relative local folder made absolute: a replica's working directory is not
+        the driver's."""
+        if self.name.startswith(bundled.PREFIX) or not Path(self.name).is_dir():
+            return self
+        return dataclasses.replace(self, folder=str(Path(self.name).absolute()))
 
     def check_local_weights(self) -> None:
         """Raise ``ValueError`` for a local folder that holds only pickle weights, unless allowed.
