@@ -259,10 +259,10 @@ def _decode_file(path: Path) -> int:
 
 def decode_plain(paths: list[Path], processes: int) -> float:
     """Seconds the CPUs take to decode every file: the job's decode function in ``processes`` plain
-    processes (soundfile, soxr, normalisation), without Ray, isolation or Arrow; the processes
-    started and their imports done before the clock starts."""
+    processes (soundfile, soxr, normalisation), without Ray, isolation or Arrow; the pool started,
+    and warmed with one file per process, before the clock starts."""
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        pool.map(_decode_file, paths[:processes], chunksize=1)
+        pool.map(_decode_file, paths[:processes], chunksize=1)  # most likely one each: the imports paid
         return timed(lambda: pool.map(_decode_file, paths, chunksize=4))
 
 

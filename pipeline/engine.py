@@ -270,9 +270,9 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))
     marks.append(("ray_stop", time.perf_counter()))
-    summary = {**output.summarize(p.output, p.manifest, time.perf_counter() - started),
-               "resumed": p.state is State.RESUME, "fingerprint": p.fingerprint, **metadata(p),
-               "precision": output.precision_as_run(p.output),
+    # metadata first: the shards' precision as run replaces the one configured.
+    summary = {**metadata(p), **output.summarize(p.output, p.manifest, time.perf_counter() - started),
+               "resumed": p.state is State.RESUME, "fingerprint": p.fingerprint,
                "config": cfg.model_dump(),
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}

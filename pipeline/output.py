@@ -167,17 +167,6 @@ def check_errors(output: Path, summary: dict[str, Any], max_fraction: float) -> 
         )
 
 
-def precision_as_run(output: Path) -> str | None:
-    """The precision the replicas ran in, from the shards' metadata: one name, or several joined by
-    ``+`` where replicas on different devices resolved ``auto`` differently; None without shards."""
-    found = set()
-    for name in _shards(output):
-        meta = pq.read_schema(output / name).metadata or {}
-        if S.METADATA_KEY in meta:
-            found.add(json.loads(meta[S.METADATA_KEY]).get("precision"))
-    return "+".join(sorted(str(p) for p in found)) or None
-
-
 def finished_summary(output: Path) -> dict[str, Any]:
     """The summary of the finished run in ``output``."""
     return json.loads((output / SUMMARY_FILE).read_text())
@@ -193,19 +182,31 @@ def commit(output: Path, summary: dict[str, Any]) -> list[str]:
             f"output breaks the one-row-per-input invariant: {summary['lost']} ids lost, "
             f"{summary['duplicated']} duplicated (see {output / SUMMARY_FILE})"
         )
-    shards = _shards(output)
-    rows = {name: pq.ParquetFile(output / name).metadata.num_rows for name in shards}
+    footers = _footers(output)
     _write_json(output / SUMMARY_FILE, summary)
     _write_json(output / MANIFEST_FILE, {
-        "shards": [{"path": name, "rows": rows[name]} for name in shards],
-        "rows": sum(rows.values()),
+        "shards": [{"path": name, "rows": footer.num_rows} for name, footer in footers.items()],
+        "rows": sum(footer.num_rows for footer in footers.values()),
     })
     shutil.rmtree(output / WORK_DIR)
-    return shards
+    return list(footers)
 
 
 def _shards(output: Path) -> list[str]:
     return sorted(f.name for f in output.glob(f"{SHARD_PREFIX}*.parquet"))
+
+
+def _footers(output: Path) -> dict[str, pq.FileMetaData]:
+    """Each shard's Parquet footer (rows, key-value metadata), by name, in name order."""
+    return {name: pq.read_metadata(output / name) for name in _shards(output)}
+
+
+def _precision_as_run(footers: dict[str, pq.FileMetaData]) -> str | None:
+    """The precision the replicas ran in, from the shards' metadata: one name, or several joined by
+    ``+`` where replicas on different devices resolved ``auto`` differently; None without shards."""
+    found = {json.loads(f.metadata[S.METADATA_KEY]).get("precision")
+             for f in footers.values() if f.metadata and S.METADATA_KEY in f.metadata}
+    return "+".join(sorted(str(p) for p in found)) or None
 
 
 def read_output(output: Path | str, columns: list[str] | None = None) -> pa.Table:
@@ -223,7 +224,8 @@ def read_output(output: Path | str, columns: list[str] | None = None) -> pa.Tabl
 
 
 def summarize(output: Path, manifest: pa.Table, wall_s: float) -> dict[str, Any]:
-    """Counts and rates computed from the shards actually written, checked against ``manifest``."""
+    """Counts and rates computed from the shards actually written, checked against ``manifest``, and
+    the precision the replicas ran in."""
     out = read_output(output, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES])
     ids_in = manifest[S.ID]
     lost = int(pc.sum(pc.invert(pc.is_in(ids_in, value_set=out[S.ID].combine_chunks()))).as_py() or 0)
@@ -234,6 +236,7 @@ def summarize(output: Path, manifest: pa.Table, wall_s: float) -> dict[str, Any]
     audio_s = float(pc.sum(out[S.DURATION_S]).as_py() or 0.0)
     real = int(pc.sum(pc.filter(out[S.NUM_SAMPLES], ok)).as_py() or 0)
     padded = int(pc.sum(pc.filter(out[S.PADDED_SAMPLES], ok)).as_py() or 0)
+    footers = _footers(output)
     return {
         "rows_in": manifest.num_rows,
         "rows_out": out.num_rows,
@@ -246,5 +249,6 @@ def summarize(output: Path, manifest: pa.Table, wall_s: float) -> dict[str, Any]
         "wall_s": wall_s,
         "audio_s_per_s": audio_s / wall_s if wall_s > 0 else math.nan,
         "padding_waste": (padded - real) / real if real else 0.0,
-        "shards": len(_shards(output)),
+        "shards": len(footers),
+        "precision": _precision_as_run(footers),
     }
