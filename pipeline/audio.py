@@ -14,9 +14,11 @@ import stat
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 import soundfile as sf
 import soxr
 
+from pipeline import storage
 from pipeline.errors import AudioError, ErrorKind
 
 # Headers beyond these are corrupt or hostile: they would size buffers from a lie.
@@ -79,24 +81,54 @@ def check_file(path: str, max_bytes: float = float("inf")) -> None:
     _check_size(path, st.st_size, max_bytes)
 
 
+def resolved(location: str) -> str:
+    """A local path with symlinks and ``..`` resolved; a URI with its ``..`` resolved."""
+    return storage.normalize(location) if storage.is_uri(location) else os.path.realpath(location)
+
+
 def check_allowed(path: str, roots: tuple[str, ...]) -> None:
     """Raise ``not_allowed`` unless ``path``, with symlinks and ``..`` resolved, lies under one of
-    ``roots`` (already resolved with ``os.path.realpath``). No roots: every path is allowed."""
+    ``roots`` (already :func:`resolved`: local folders or URI prefixes). No roots:
+    every path is allowed."""
     if not roots:
         return
-    real = os.path.realpath(path)
-    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+    real = resolved(path)
+    sep = "/" if storage.is_uri(real) else os.sep
+    if not any(real == root or real.startswith(root.rstrip(sep) + sep) for root in roots):
         raise AudioError(
             ErrorKind.NOT_ALLOWED,
             f"{path}: resolves to {real}, outside input.allowed_roots ({', '.join(roots)})",
         )
 
 
+def fetch(location: str, max_bytes: float = float("inf")) -> bytes:
+    """The bytes of the object at the URI ``location`` (retried on transient errors, see
+    :mod:`pipeline.storage`); raise :class:`AudioError` for a missing, denied, oversized or
+    unreadable one."""
+    try:
+        found = storage.info(location)
+        if found.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(location)
+        if found.type != pafs.FileType.File:
+            raise AudioError(ErrorKind.UNREADABLE, f"{location}: is a folder or prefix, not an audio file")
+        _check_size(location, found.size, max_bytes)
+        return storage.read_bytes(location)
+    except FileNotFoundError:
+        raise AudioError(ErrorKind.NOT_FOUND, f"{location}: no such object") from None
+    except (OSError, ValueError) as exc:
+        if storage.is_denied(exc):
+            raise AudioError(ErrorKind.NOT_ALLOWED, f"{location}: access denied ({storage.reason(exc)})") from None
+        raise AudioError(ErrorKind.UNREADABLE, f"{location}: {storage.reason(exc)}") from None
+
+
 def _open(path: str, data: bytes | None, max_bytes: float) -> sf.SoundFile:
+    if data is None and storage.is_uri(path):
+        data = fetch(path, max_bytes)
     if data is not None:
         _check_size(path, len(data), max_bytes)
         source: object = io.BytesIO(data)
     else:
+        path = storage.local_path(path)
         check_file(path, max_bytes)
         try:
             source = open(path, "rb")  # noqa: SIM115 - SoundFile owns it and closes it
@@ -118,7 +150,8 @@ def decode(
     max_duration_s: float = float("inf"),
     max_file_bytes: float = float("inf"),
 ) -> Decoded:
-    """Decode ``data`` (if given) or the file at ``path``; raise :class:`AudioError` for a bad row.
+    """Decode ``data`` (if given) or the file or object at ``path`` (a local path or a URI, see
+    :mod:`pipeline.storage`); raise :class:`AudioError` for a bad row.
 
     ``path`` names the row in error messages even when the bytes come from ``data``.
     """

@@ -7,7 +7,6 @@ the later steps pass through untouched, so every input row reaches the output on
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema as S
-from pipeline.audio import Decoded, check_allowed
+from pipeline.audio import Decoded, check_allowed, resolved
 from pipeline.config import AudioConfig, DecodeConfig, InputConfig
 from pipeline.errors import AudioError, ErrorKind, Stage
 from pipeline.isolation import IsolatedDecoder, import_function
@@ -34,7 +33,7 @@ class DecodeStage:
     def __init__(self, front_end: FrontEnd, source: InputConfig, audio: AudioConfig, decode: DecodeConfig):
         self.kwargs = {"target_rate": front_end.sampling_rate, "do_normalize": front_end.do_normalize,
                        "max_duration_s": audio.max_duration_s, "max_file_bytes": audio.max_file_bytes}
-        self.allowed_roots = tuple(os.path.realpath(r) for r in source.allowed_roots)
+        self.allowed_roots = tuple(resolved(r) for r in source.allowed_roots)
         self.function = decode.function
         self.isolation = (decode.timeout_s, decode.max_attempts) if decode.isolate else None
 

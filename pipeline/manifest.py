@@ -16,11 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from pipeline import bundled
+from pipeline import bundled, storage
 from pipeline import schema as S
 from pipeline.config import InputConfig
 from pipeline.errors import ManifestError
@@ -38,9 +39,9 @@ def detect_format(path: str) -> str:
     """Guess the input kind from its name or folder contents (``input.format = auto``)."""
     if path.startswith(HF_PREFIX):
         return "hf"
+    if _is_folder(path):
+        return "hf" if any(_exists(storage.join(path, m)) for m in HF_DISK_MARKERS) else "folder"
     p = Path(path)
-    if p.is_dir():
-        return "hf" if any((p / m).exists() for m in HF_DISK_MARKERS) else "folder"
     suffixes = [s.lower() for s in p.suffixes]
     if ".csv" in suffixes or ".tsv" in suffixes:
         return "csv"
@@ -48,12 +49,27 @@ def detect_format(path: str) -> str:
         return "jsonl"
     if {".parquet", ".pq"} & set(suffixes):
         return "parquet"
-    if not p.exists():
+    if not _exists(path):
         raise ManifestError(f"--input {path}: no such file or folder")
     raise ManifestError(
         f"--input {path}: cannot tell the format from the name; name it .csv, .jsonl or .parquet, "
         "or set input.format"
     )
+
+
+def _info(path: str) -> pafs.FileInfo:
+    try:
+        return storage.info(path)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"--input {path}: cannot reach it ({storage.reason(exc)})") from None
+
+
+def _is_folder(path: str) -> bool:
+    return _info(path).type == pafs.FileType.Directory
+
+
+def _exists(path: str) -> bool:
+    return _info(path).type != pafs.FileType.NotFound
 
 
 def read_manifest(cfg: InputConfig) -> pa.Table:
@@ -63,7 +79,7 @@ def read_manifest(cfg: InputConfig) -> pa.Table:
     path = bundled.input_path(cfg.path)
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "folder":
-        table = _list_folder(Path(path).absolute())  # absolute: workers do not share our working directory
+        table = _list_folder(storage.absolute(path))  # absolute: workers do not share our working directory
     elif fmt == "hf":
         table = _read_hf(path, cfg)
     else:
@@ -81,6 +97,14 @@ def _where(path: str, fmt: str):
 
 
 def _read_table(path: str, fmt: str) -> pa.Table:
+    source: str | pa.BufferReader = path
+    if storage.is_uri(path):  # read whole (a manifest is paths and texts) and retried, then parsed as a local file
+        try:
+            source = pa.BufferReader(storage.read_bytes(path))
+        except FileNotFoundError:
+            raise ManifestError(f"--input {path}: no such object") from None
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"--input {path}: cannot read it ({storage.reason(exc)})") from None
     try:
         if fmt == "csv":
             # Keep ids and paths as written: type inference would turn id "007" into 7.
@@ -89,10 +113,10 @@ def _read_table(path: str, fmt: str) -> pa.Table:
                 column_types={c: pa.string() for c in text_cols}, strings_can_be_null=True
             )
             parse = pacsv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",")
-            return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+            return pacsv.read_csv(source, parse_options=parse, convert_options=convert)
         if fmt == "jsonl":
-            return pajson.read_json(path)
-        return pq.read_table(path)
+            return pajson.read_json(source)
+        return pq.read_table(source)
     except FileNotFoundError:
         raise ManifestError(f"--input {path}: no such file") from None
     except (pa.ArrowInvalid, OSError) as exc:
@@ -102,16 +126,16 @@ def _read_table(path: str, fmt: str) -> pa.Table:
 
 def _first_bad_json_line(path: str) -> str | None:
     """Name the first line that is not a JSON object (Arrow's error counts rows within a block)."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path} line {number}: not valid JSON ({exc.msg}); one object per line expected"
-            if not isinstance(value, dict):
-                return f"{path} line {number}: a JSON {type(value).__name__}, expected an object"
+    text = storage.read_bytes(path).decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"{path} line {number}: not valid JSON ({exc.msg}); one object per line expected"
+        if not isinstance(value, dict):
+            return f"{path} line {number}: a JSON {type(value).__name__}, expected an object"
     return None
 
 
@@ -125,8 +149,9 @@ def _as_strings(col: pa.ChunkedArray) -> list:
 
 def _normalize(table: pa.Table, source: str, where) -> pa.Table:
     """Map a manifest's columns onto the manifest schema; relative paths resolve against its folder,
-    to absolute paths: a worker's working directory is not the driver's."""
-    base_dir = Path(source).absolute().parent
+    to absolute paths (or URIs, beside a manifest in an object store): a worker's working directory
+    is not the driver's."""
+    base_dir = storage.parent(source)
     path_col = _pick(table, S.PATH_ALIASES)
     if path_col is None:
         raise ManifestError(
@@ -137,7 +162,7 @@ def _normalize(table: pa.Table, source: str, where) -> pa.Table:
     for i, p in enumerate(raw_paths):
         if not p:
             raise ManifestError(f"{where(i)}: the {path_col} column is empty")
-    paths = [p if os.path.isabs(p) or "://" in p else os.path.normpath(base_dir / p) for p in raw_paths]
+    paths = [p if os.path.isabs(p) or "://" in p else storage.normalize(storage.join(base_dir, p)) for p in raw_paths]
     if S.ID in table.column_names:
         ids = _as_strings(table[S.ID])
         for i, v in enumerate(ids):
@@ -154,19 +179,22 @@ def _normalize(table: pa.Table, source: str, where) -> pa.Table:
     )
 
 
-def _list_folder(root: Path) -> pa.Table:
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()
-    )
+def _list_folder(root: str) -> pa.Table:
+    """Every audio file below the folder or prefix ``root``; ids are their paths relative to it."""
+    try:
+        found = storage.list_files(root)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"--input {root}: cannot list it ({storage.reason(exc)})") from None
+    files = [(name, where) for name, where in found if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS]
     if not files:
         raise ManifestError(
             f"--input {root}: no audio files below it (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
         )
-    ids = [p.relative_to(root).as_posix() for p in files]
+    ids = [name for name, _ in files]
     return pa.table(
         {
             S.ID: ids,
-            S.PATH: [str(p) for p in files],
+            S.PATH: [where for _, where in files],
             S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()),
             S.REFERENCE: pa.nulls(len(ids), pa.string()),
         },
