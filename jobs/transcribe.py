@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from pipeline.config import DEFAULT_MODEL, load_config
+from pipeline.config import DEFAULT_MODEL, JobConfig, load_config
 from pipeline.engine import run_job
 from pipeline.errors import ConfigError, JobError
 from pipeline.logs import LOG_FORMAT
@@ -19,8 +19,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Transcribe an audio corpus with a wav2vec2 CTC model on Ray; write Parquet shards.",
     )
     ap.add_argument("--input", help="manifest (.csv/.tsv/.jsonl/.parquet), audio folder, HF dataset folder, "
-                    "hf:NAME, @sample or @heldout (the bundled clips); overrides input.path")
-    ap.add_argument("--output", help="output folder for Parquet shards and _summary.json; overrides output.path")
+                    "hf:NAME, @sample or @heldout (the bundled clips); a manifest or folder may be a URI "
+                    "(s3://bucket/prefix); overrides input.path")
+    ap.add_argument("--output", help="output folder or URI (s3://bucket/prefix) for the Parquet shards and "
+                    "_summary.json; overrides output.path")
     ap.add_argument("--model", help=f"hub id or local folder of a CTC checkpoint (default {DEFAULT_MODEL}); "
                     "overrides model.name")
     ap.add_argument("--config", help="YAML config file, e.g. configs/demo.yaml")
@@ -31,6 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def config(args: argparse.Namespace) -> JobConfig:
+    """The job's config from the command line's arguments; raises :class:`ConfigError`."""
+    return load_config(
+        args.config, args.overrides,
+        **{"input.path": args.input, "output.path": args.output, "model.name": args.model,
+           "ray.address": args.address, "ray.progress_bars": False if args.quiet else None},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -38,12 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         format=LOG_FORMAT,
     )
     try:
-        cfg = load_config(
-            args.config, args.overrides,
-            **{"input.path": args.input, "output.path": args.output, "model.name": args.model,
-               "ray.address": args.address, "ray.progress_bars": False if args.quiet else None},
-        )
-        summary = run_job(cfg)
+        summary = run_job(config(args))
     except (ConfigError, JobError) as exc:
         print(f"transcribe: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

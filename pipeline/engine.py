@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import ray
 from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
-from pipeline import output
+from pipeline import output, storage
 from pipeline.config import DEFAULT_DECODER, JobConfig, resolve_resources
 from pipeline.decode import DecodeStage
 from pipeline.errors import JobError, ManifestError
@@ -46,7 +47,7 @@ class Plan:
     manifest: pa.Table
     front_end: FrontEnd
     spec: ModelSpec
-    output: Path
+    output: str  # an absolute local folder or a URI
     fingerprint: str  # of the input rows and the settings that change transcripts
     state: State
     load: Callable[[], Transcriber] | None = None  # builds each replica's transcriber; None: the configured model
@@ -71,7 +72,7 @@ def plan(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> Plan:
     ``load``: another transcriber for the replicas (see :func:`run_job`)."""
     if not cfg.output.path:
         raise JobError("output.path is not set: pass --output OUT_DIR")
-    out = Path(cfg.output.path).absolute()  # the writers do not share this process's working directory
+    out = output.location(cfg.output.path)  # absolute: the writers do not share this process's working directory
     output.check_folder(out)
     try:
         import_function(cfg.decode.function)
@@ -119,17 +120,23 @@ def metadata(p: Plan) -> dict[str, Any]:
     }
 
 
+def cluster_address(cfg: JobConfig) -> str | None:
+    """The Ray cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (``ray job submit`` sets it for
+    the job's entrypoint); None: start Ray in this process."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
 def ray_session(cfg: JobConfig) -> Iterator[bool]:
-    """Join ``ray.address``, use the Ray this process already runs, or start Ray in-process (and
-    shut it down after); yield whether every Ray worker starts with ``CPU_REPLICA_ENV``."""
+    """Join the :func:`cluster_address`, use the Ray this process already runs, or start Ray
+    in-process (and shut it down after); yield whether every Ray worker starts with ``CPU_REPLICA_ENV``."""
     if ray.is_initialized():
         yield False
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.ray.address:
+    if address := cluster_address(cfg):
         # Ship this package to the cluster's workers, which may not have it installed.
-        ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
+        ray.init(address=address, runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
                  **kwargs)
         workers_have_env = False
     else:
@@ -170,7 +177,7 @@ def check_resources(cfg: JobConfig) -> None:
                 f"{resource}s ({key}) plus one decode task need {need:g} {resource}s, the cluster has "
                 f"{have.get(resource, 0.0):g}; lower inference.min_replicas or {key}"
             )
-            if cfg.ray.address:
+            if cluster_address(cfg):
                 log.warning("%s (waiting for the cluster to grow)", message)
             else:
                 raise JobError(message)
@@ -225,7 +232,7 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
         # No CPU for the writer: it is light, and with one it waited behind decode tasks holding every
         # CPU the replicas left, so a file hanging its decoder held back all committed output.
         return ds.map_batches(
-            ShardWriter(str(p.output)),
+            ShardWriter(p.output),
             batch_format="pyarrow",
             batch_size=cfg.output.rows_per_shard,
             num_cpus=0,
@@ -277,7 +284,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}
     shards = output.commit(p.output, summary)
-    log.info("committed %d shards to %s", len(shards), p.output / output.MANIFEST_FILE)
+    log.info("committed %d shards to %s", len(shards), storage.join(p.output, output.MANIFEST_FILE))
     output.check_errors(p.output, summary, cfg.output.max_error_fraction)
     return summary
 
