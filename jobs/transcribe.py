@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config key, e.g. --set inference.max_replicas=2 (repeatable)")
     ap.add_argument("--address", help="Ray cluster address to join (default: start Ray in this process)")
+    ap.add_argument("--retry-errors", action="store_true",
+                    help="transcribe a finished run's error rows again (output.retry_errors)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return ap.parse_args(argv)
 
@@ -38,7 +40,8 @@ def config(args: argparse.Namespace) -> JobConfig:
     return load_config(
         args.config, args.overrides,
         **{"input.path": args.input, "output.path": args.output, "model.name": args.model,
-           "ray.address": args.address, "ray.progress_bars": False if args.quiet else None},
+           "ray.address": args.address, "ray.progress_bars": False if args.quiet else None,
+           "output.retry_errors": True if args.retry_errors else None},
     )
 
 

@@ -51,6 +51,9 @@ class OutputConfig(_Section):
     # The job exits 1 (after committing everything) when at least this fraction of its rows are
     # error rows, so a scheduler notices a run that transcribed little; 1.0: when every row failed.
     max_error_fraction: float = Field(1.0, gt=0, le=1)
+    # A finished run is transcribed again for its error rows only (e.g. files missing then, present now);
+    # its other rows and shards stay as they are.
+    retry_errors: bool = False
 
 
 class ModelConfig(_Section):

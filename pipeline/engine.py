@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ class Plan:
     spec: ModelSpec
     output: str  # an absolute local folder or a URI
     fingerprint: str  # of the input rows and the settings that change transcripts
+    settings_fingerprint: str  # of those settings alone: an output of the same ones may take new rows
     state: State
     load: Callable[[], Transcriber] | None = None  # builds each replica's transcriber; None: the configured model
 
@@ -99,9 +101,9 @@ def plan(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> Plan:
         settings["decoder"] = cfg.decode.function
     if load is not None:
         settings["transcriber"] = repr(load)
-    fingerprint = output.fingerprint(manifest, settings)
-    state = output.prepare(out, cfg.output.overwrite, fingerprint)
-    return Plan(cfg, manifest, front_end, spec, out, fingerprint, state, load)
+    fingerprint, same_settings = output.fingerprint(manifest, settings), output.settings_fingerprint(settings)
+    state = output.prepare(out, cfg.output.overwrite, fingerprint, same_settings, cfg.output.retry_errors)
+    return Plan(cfg, manifest, front_end, spec, out, fingerprint, same_settings, state, load)
 
 
 def metadata(p: Plan) -> dict[str, Any]:
@@ -135,15 +137,19 @@ def ray_session(cfg: JobConfig) -> Iterator[bool]:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address := cluster_address(cfg):
-        # Ship this package to the cluster's workers, which may not have it installed.
-        ray.init(address=address, runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
-                 **kwargs)
+        try:
+            # Ship this package to the cluster's workers, which may not have it installed.
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(pipeline.__file__).parent)]},
+                     **kwargs)
+        except (ConnectionError, RuntimeError) as exc:
+            raise JobError(_join_failure(address, exc)) from None
         workers_have_env = False
     else:
         # The raylet inherits it, so every worker does (a runtime_env would cost each replica a
         # slower start); this process keeps its own.
         with environ(CPU_REPLICA_ENV):
-            ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+            # "local": a new instance even where `ray start` left one on this machine (Ray would join it).
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
         workers_have_env = True
     try:
         yield workers_have_env
@@ -263,10 +269,14 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
         check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         # Only now, with the settings known to hold: a run refused here leaves no _work behind.
-        todo = output.begin(p.output, p.state, p.fingerprint, p.manifest)
+        todo = output.begin(p.output, p.state, p.fingerprint, p.manifest, p.settings_fingerprint,
+                            cfg.output.retry_errors)
         if p.state is State.RESUME:
             log.info("resuming an unfinished run: %d of %d rows are already in %s",
                      p.manifest.num_rows - todo.num_rows, p.manifest.num_rows, p.output)
+        elif p.state is State.UPDATE:
+            log.info("updating the finished run in %s: %d rows to transcribe (new rows%s)", p.output,
+                     todo.num_rows, ", and error rows again" if cfg.output.retry_errors else "")
         log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
         marks.append(("ray_start", time.perf_counter()))
         if todo.num_rows:
@@ -277,9 +287,11 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))
     marks.append(("ray_stop", time.perf_counter()))
+    output.finish(p.output)
     # metadata first: the shards' precision as run replaces the one configured.
     summary = {**metadata(p), **output.summarize(p.output, p.manifest, time.perf_counter() - started),
-               "resumed": p.state is State.RESUME, "fingerprint": p.fingerprint,
+               "resumed": p.state is State.RESUME, "updated": p.state is State.UPDATE,
+               "fingerprint": p.fingerprint, "settings_fingerprint": p.settings_fingerprint,
                "config": cfg.model_dump(),
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}
@@ -289,8 +301,43 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     return summary
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first (Python's chain and Ray's ``cause``)."""
+    found: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in found):
+        found.append(exc)
+        exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
+        exc = exc if isinstance(exc, BaseException) else None
+    return found
+
+
+def _join_failure(address: str, exc: BaseException) -> str:
+    """One line for a cluster this process could not join, saying what to do."""
+    text = " ".join(f"{type(e).__name__} {e}" for e in _chain(exc))
+    if "AuthenticationError" in text or "InvalidAuthToken" in text or "authentication token" in text.lower():
+        return (f"ray.address = {address}: the cluster uses Ray's token authentication and refused this "
+                f"process (RAY_AUTH_MODE = {os.environ.get('RAY_AUTH_MODE', 'unset')}); set RAY_AUTH_MODE=token "
+                "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on "
+                "the head prints it), or use --address auto on one of the cluster's nodes")
+    return f"ray.address = {address}: cannot join the Ray cluster there ({_root_cause(exc)})"
+
+
+# "SomeError: message" lines in the text of Ray's errors, which carry a worker's traceback as text.
+_ERROR_LINE = re.compile(r"^\s*(?:\x1b\[\d+m)?((?:\w+\.)*\w*(?:Error|Exception|Exit|Interrupt)): (.+)$", re.M)
+_WRAPPERS = ("RayTaskError", "ActorDiedError", "SystemException", "UserCodeException", "RayActorError")
+
+
 def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first_line}"
+    """The first error a worker raised, as ``Type: message``, from Ray's wrapped errors: the
+    innermost non-Ray exception, else the last such line in their text."""
+    chain = _chain(exc)
+    for e in reversed(chain):
+        if not type(e).__module__.startswith("ray") and str(e).strip():
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+    for e in reversed(chain):
+        lines = [m for m in _ERROR_LINE.findall(str(e)) if not m[0].split(".")[-1].startswith(_WRAPPERS)]
+        if lines:
+            name, message = lines[-1]
+            return f"{name.split('.')[-1]}: {message.strip()}"
+    last = chain[-1]
+    return f"{type(last).__name__}: {(str(last).strip().splitlines() or [''])[-1]}"

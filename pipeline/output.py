@@ -53,6 +53,7 @@ class State(Enum):
     FRESH = "fresh"
     RESUME = "resume"
     DONE = "done"
+    UPDATE = "update"  # a finished run of the same settings: its input grew, or its error rows are retried
 
 
 def _read_json(location: str) -> Any:
@@ -89,6 +90,11 @@ def fingerprint(manifest: pa.Table, settings: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """Same ``settings`` → same fingerprint, whatever the rows: a finished run's output may take more rows."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def location(output: str | os.PathLike) -> str:
     """The output folder as the job addresses it: a URI as given, a local path made absolute."""
     return storage.absolute(os.fspath(output))
@@ -108,17 +114,19 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(f".{SHARD_PREFIX}") and name.endswith(".tmp")  # a local shard whose write was cut off
 
 
-def prepare(output: str, overwrite: bool, fingerprint: str) -> State:
-    """Return the output's state for a job of ``fingerprint``; clear the folder first with
-    ``overwrite``; raise :class:`JobError` for another job's output or a folder it cannot write."""
+def prepare(output: str, overwrite: bool, fingerprint: str, settings: str = "", retry_errors: bool = False) -> State:
+    """Return the output's state for a job of ``fingerprint`` (its rows and settings) and ``settings``
+    (:func:`settings_fingerprint`); clear the folder first with ``overwrite``; raise :class:`JobError`
+    for another job's output or a folder it cannot write. A finished run of the same settings is
+    ``update`` where the rows differ, or where ``retry_errors`` and it holds error rows."""
     check_folder(output)
     try:
-        return _prepare(output, overwrite, fingerprint)
+        return _prepare(output, overwrite, fingerprint, settings, retry_errors)
     except (OSError, ValueError) as exc:
         raise JobError(f"--output {output}: not writable ({storage.reason(exc)})") from None
 
 
-def _prepare(output: str, overwrite: bool, fingerprint: str) -> State:
+def _prepare(output: str, overwrite: bool, fingerprint: str, settings: str, retry_errors: bool) -> State:
     found = {f.base_name for f in storage.children(output)}
     ours = sorted(n for n in found if n.endswith(".parquet") or _is_temporary(n) or n in (SUMMARY_FILE, MANIFEST_FILE))
     if overwrite:
@@ -127,17 +135,21 @@ def _prepare(output: str, overwrite: bool, fingerprint: str) -> State:
         storage.delete_folder(storage.join(output, WORK_DIR))
         found, ours = found - {*ours, WORK_DIR}, []
     state = State.FRESH
-    if MANIFEST_FILE in found and SUMMARY_FILE in found:
-        state, theirs = State.DONE, _read_json(storage.join(output, SUMMARY_FILE)).get("fingerprint")
-    elif WORK_DIR in found:
-        state, theirs = State.RESUME, _read_json(storage.join(output, WORK_DIR, FINGERPRINT_FILE)).get("fingerprint")
+    if WORK_DIR in found:  # first: an unfinished update keeps the previous run's _manifest.json
+        state, ok = State.RESUME, _work(output)["fingerprint"] == fingerprint
+    elif MANIFEST_FILE in found and SUMMARY_FILE in found:
+        summary = finished_summary(output)
+        if summary.get("fingerprint") == fingerprint:
+            state, ok = (State.UPDATE if retry_errors and summary.get("errors") else State.DONE), True
+        else:
+            state, ok = State.UPDATE, bool(settings) and summary.get("settings_fingerprint") == settings
     elif ours:
         raise JobError(
             f"--output {output}: already holds files of another run ({ours[0]}); choose another "
             "folder or --set output.overwrite=true to replace them"
         )
-    if state is not State.FRESH and theirs != fingerprint:
-        what = "a finished" if state is State.DONE else "an unfinished"
+    if state is not State.FRESH and not ok:
+        what = "an unfinished" if state is State.RESUME else "a finished"
         raise JobError(
             f"--output {output}: holds {what} run of another input, model, audio settings, precision or "
             "decoder; choose another folder or --set output.overwrite=true to replace it"
@@ -150,25 +162,78 @@ def _prepare(output: str, overwrite: bool, fingerprint: str) -> State:
     return state
 
 
-def begin(output: str, state: State, fingerprint: str, manifest: pa.Table) -> pa.Table:
-    """Start (``fresh``) or continue (``resume``) a run in ``output``; return the rows still to transcribe."""
+def _work(output: str) -> dict[str, Any]:
+    """The unfinished run's record: its ``fingerprint``, and in an update the committed shards it
+    ``replaces`` (those holding the error rows it ``redo``\\es)."""
+    return {"replaces": [], "redo": [], **_read_json(storage.join(output, WORK_DIR, FINGERPRINT_FILE))}
+
+
+def _write_work(output: str, record: dict[str, Any]) -> None:
     work = storage.join(output, WORK_DIR)
+    if storage.is_uri(output):  # one object, whole or absent: the _work prefix always holds its record
+        _write_json(storage.join(work, FINGERPRINT_FILE), record)
+        return
+    # Made whole, then renamed: a _work folder always holds its record.
+    staging = os.path.join(output, f".{WORK_DIR}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
+    _write_json(os.path.join(staging, FINGERPRINT_FILE), record)
+    os.replace(staging, work)
+
+
+def begin(output: str, state: State, fingerprint: str, manifest: pa.Table, settings: str = "",
+          retry_errors: bool = False) -> pa.Table:
+    """Start (``fresh``, ``update``) or continue (``resume``) a run in ``output``; return the rows
+    still to transcribe. An update first checks that every committed row is still in ``manifest``
+    with the same path; it transcribes the new rows, and with ``retry_errors`` the error rows again."""
+    record: dict[str, Any] = {"fingerprint": fingerprint, "settings": settings, "replaces": [], "redo": []}
     if state is State.FRESH:
-        if storage.is_uri(output):  # one object, whole or absent: the _work prefix always holds its fingerprint
-            _write_json(storage.join(work, FINGERPRINT_FILE), {"fingerprint": fingerprint})
-            return manifest
-        # Made whole, then renamed: a _work folder always holds its fingerprint.
-        staging = os.path.join(output, f".{WORK_DIR}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.mkdir(staging)
-        _write_json(os.path.join(staging, FINGERPRINT_FILE), {"fingerprint": fingerprint})
-        os.replace(staging, work)
+        _write_work(output, record)
         return manifest
-    for f in storage.children(output):
-        if _is_temporary(f.base_name):
-            storage.delete(storage.join(output, f.base_name))
-    done = read_output(output, [S.ID])[S.ID].combine_chunks()
+    if state is State.UPDATE:
+        committed = _table(output, _committed_shards(output), [S.ID, S.PATH, S.ERROR_KIND], with_shard=True)
+        _check_still_in(output, committed, manifest)
+        if retry_errors:
+            errors = committed.filter(pc.is_valid(committed[S.ERROR_KIND]))
+            record["redo"] = sorted(errors[S.ID].to_pylist())
+            record["replaces"] = sorted(set(errors["shard"].to_pylist()))
+        _write_work(output, record)
+    else:
+        record = _work(output)
+        for f in storage.children(output):
+            if _is_temporary(f.base_name):  # a local shard whose write was cut off
+                storage.delete(storage.join(output, f.base_name))
+    replaced = _table(output, [n for n in record["replaces"] if n in _shards(output)], [S.ID])
+    kept = pc.filter(replaced[S.ID], pc.invert(pc.is_in(replaced[S.ID], value_set=pa.array(record["redo"],
+                                                                                            pa.string()))))
+    done = pa.concat_arrays([_table(output, _live_shards(output, record), [S.ID])[S.ID].combine_chunks(),
+                             kept.combine_chunks()])
     return manifest.filter(pc.invert(pc.is_in(manifest[S.ID], value_set=done)))
+
+
+def _check_still_in(output: str, committed: pa.Table, manifest: pa.Table) -> None:
+    """Raise :class:`JobError` unless each committed row's id is in ``manifest`` with the same path."""
+    paths = dict(zip(manifest[S.ID].to_pylist(), manifest[S.PATH].to_pylist(), strict=True))
+    for row_id, path in zip(committed[S.ID].to_pylist(), committed[S.PATH].to_pylist(), strict=True):
+        if paths.get(row_id) != path:
+            what = "is not in the input" if row_id not in paths else f"is now {paths[row_id]!r}, not {path!r}"
+            raise JobError(
+                f"--output {output}: holds a finished run of this model and settings whose row {row_id!r} "
+                f"{what}; an output can take new rows, not lose or change rows: choose another folder "
+                "or --set output.overwrite=true"
+            )
+
+
+def finish(output: str) -> None:
+    """After an update's rows are written: each shard it replaces is written again without the rows
+    it redid (the old one is deleted by :func:`commit`, after ``_manifest.json`` no longer lists it)."""
+    record = _work(output)
+    redo = pa.array(record["redo"], pa.string())
+    writer = ShardWriter(output)
+    for name in record["replaces"]:
+        if name in _shards(output):
+            table = _table(output, [name], None)
+            writer(table.filter(pc.invert(pc.is_in(table[S.ID], value_set=redo))))
 
 
 def check_errors(output: str, summary: dict[str, Any], max_fraction: float) -> None:
@@ -190,8 +255,9 @@ def finished_summary(output: str) -> dict[str, Any]:
 
 def commit(output: str, summary: dict[str, Any]) -> list[str]:
     """Check the run's ``summary`` (no id lost or duplicated), then write ``_summary.json`` and, last,
-    ``_manifest.json`` (every shard with its rows), and drop ``_work``; return the shards. A run that
-    breaks the invariant gets its summary but no manifest, and raises :class:`JobError`."""
+    ``_manifest.json`` (every live shard with its rows), delete the shards an update replaced, and
+    drop ``_work``; return the shards. A run that breaks the invariant gets its summary but no new
+    manifest, and raises :class:`JobError`."""
     if summary["lost"] or summary["duplicated"]:
         # No _manifest.json: readers must not take it for a result.
         _write_json(storage.join(output, SUMMARY_FILE), summary)
@@ -199,12 +265,15 @@ def commit(output: str, summary: dict[str, Any]) -> list[str]:
             f"output breaks the one-row-per-input invariant: {summary['lost']} ids lost, "
             f"{summary['duplicated']} duplicated (see {storage.join(output, SUMMARY_FILE)})"
         )
-    footers = _footers(output)
+    record = _work(output)
+    footers = _footers(output, _live_shards(output, record))
     _write_json(storage.join(output, SUMMARY_FILE), summary)
     _write_json(storage.join(output, MANIFEST_FILE), {
         "shards": [{"path": name, "rows": footer.num_rows} for name, footer in footers.items()],
         "rows": sum(footer.num_rows for footer in footers.values()),
     })
+    for name in record["replaces"]:
+        storage.delete(storage.join(output, name))
     storage.delete_folder(storage.join(output, WORK_DIR))
     return list(footers)
 
@@ -214,11 +283,45 @@ def _shards(output: str) -> list[str]:
                   if f.base_name.startswith(SHARD_PREFIX) and f.base_name.endswith(".parquet"))
 
 
-def _footers(output: str) -> dict[str, pq.FileMetaData]:
+def _live_shards(output: str, record: dict[str, Any] | None = None) -> list[str]:
+    """The shards the run's result is made of: all but those an unfinished update replaces."""
+    replaced = set((record or (_work(output) if _has_work(output) else {})).get("replaces", ()))
+    return [name for name in _shards(output) if name not in replaced]
+
+
+def _has_work(output: str) -> bool:
+    return storage.info(storage.join(output, WORK_DIR, FINGERPRINT_FILE)).type == pafs.FileType.File
+
+
+def _committed_shards(output: str) -> list[str]:
+    """The shards ``_manifest.json`` lists (while a first run is unfinished: every shard so far)."""
+    manifest = storage.join(output, MANIFEST_FILE)
+    if storage.info(manifest).type == pafs.FileType.File:
+        return [s["path"] for s in _read_json(manifest)["shards"]]
+    return _shards(output)
+
+
+def _table(output: str, names: list[str], columns: list[str] | None, with_shard: bool = False) -> pa.Table:
+    """The rows of the shards ``names`` (with ``with_shard``, a ``shard`` column naming each row's)."""
+    if not names:
+        table = S.OUTPUT_SCHEMA.empty_table().select(columns or S.OUTPUT_SCHEMA.names)
+        return table.append_column("shard", pa.array([], pa.string())) if with_shard else table
+    fs, folder = storage.resolve(output)
+    dataset = pads.dataset([f"{folder}/{name}" for name in names], format="parquet", filesystem=fs)
+    if not with_shard:
+        return storage.retried(lambda: dataset.to_table(columns=columns))
+    tables = [storage.retried(lambda fragment=fragment: fragment.to_table(columns=columns))
+              for fragment in dataset.get_fragments()]
+    shards = [pa.array([f.path.rsplit("/", 1)[-1]] * t.num_rows, pa.string())
+              for f, t in zip(dataset.get_fragments(), tables, strict=True)]
+    return pa.concat_tables(tables).append_column("shard", pa.chunked_array(shards, pa.string()))
+
+
+def _footers(output: str, names: list[str]) -> dict[str, pq.FileMetaData]:
     """Each shard's Parquet footer (rows, key-value metadata), by name, in name order."""
     fs, folder = storage.resolve(output)
     return {name: storage.retried(lambda name=name: pq.read_metadata(f"{folder}/{name}", filesystem=fs))
-            for name in _shards(output)}
+            for name in names}
 
 
 def _precision_as_run(footers: dict[str, pq.FileMetaData]) -> str | None:
@@ -231,24 +334,16 @@ def _precision_as_run(footers: dict[str, pq.FileMetaData]) -> str | None:
 
 def read_output(output: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """The job's result in the folder or URI ``output`` as one table: the shards ``_manifest.json``
-    lists (while a run is unfinished, every shard so far), none of the ``_``-prefixed side files."""
+    lists (while a first run is unfinished, every shard so far), none of the ``_``-prefixed side files."""
     output = location(output)
-    manifest = storage.join(output, MANIFEST_FILE)
-    if storage.info(manifest).type == pafs.FileType.File:
-        names = [s["path"] for s in _read_json(manifest)["shards"]]
-    else:
-        names = _shards(output)
-    if not names:
-        return S.OUTPUT_SCHEMA.empty_table().select(columns or S.OUTPUT_SCHEMA.names)
-    fs, folder = storage.resolve(output)
-    files = [f"{folder}/{name}" for name in names]
-    return storage.retried(lambda: pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns))
+    return _table(output, _committed_shards(output), columns)
 
 
 def summarize(output: str, manifest: pa.Table, wall_s: float) -> dict[str, Any]:
     """Counts and rates computed from the shards actually written, checked against ``manifest``, and
     the precision the replicas ran in."""
-    out = read_output(output, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES])
+    live = _live_shards(output)
+    out = _table(output, live, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES])
     ids_in = manifest[S.ID]
     lost = int(pc.sum(pc.invert(pc.is_in(ids_in, value_set=out[S.ID].combine_chunks()))).as_py() or 0)
     duplicated = out.num_rows - len(pc.unique(out[S.ID]))
@@ -258,7 +353,7 @@ def summarize(output: str, manifest: pa.Table, wall_s: float) -> dict[str, Any]:
     audio_s = float(pc.sum(out[S.DURATION_S]).as_py() or 0.0)
     real = int(pc.sum(pc.filter(out[S.NUM_SAMPLES], ok)).as_py() or 0)
     padded = int(pc.sum(pc.filter(out[S.PADDED_SAMPLES], ok)).as_py() or 0)
-    footers = _footers(output)
+    footers = _footers(output, live)
     return {
         "rows_in": manifest.num_rows,
         "rows_out": out.num_rows,

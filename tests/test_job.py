@@ -247,3 +247,16 @@ def test_a_stand_in_model_runs_in_the_replicas(ray_cluster, corpus, layer_model,
     meta = json.loads(pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata[b"corpus_transcribe"])
     assert meta["precision"] == summary["precision"] == "stand-in"  # as run; auto as configured
     assert summary["config"]["inference"]["precision"] == "auto"
+
+
+def test_a_replica_error_fails_the_job_with_its_cause(ray_cluster, corpus, layer_model, tmp_path):
+    """Ray wraps a worker's error in its own (ActorDiedError, SystemException): the job's one line
+    names the error the worker raised, not the wrappers."""
+    from failing_loader import MISSING, FailingLoader
+
+    cfg = load_config(overrides=["ray.progress_bars=false", "inference.max_restarts=0"], **{
+        "input.path": str(corpus), "output.path": str(tmp_path / "out"), "model.name": str(layer_model)})
+    with pytest.raises(JobError) as failed:
+        run_job(cfg, load=FailingLoader())
+    assert str(failed.value) == (f"the job failed: FileNotFoundError: [Errno 2] No such file or directory: "
+                                 f"'{MISSING}'")

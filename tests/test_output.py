@@ -93,7 +93,7 @@ def test_a_run_goes_fresh_then_resume_then_done(out):
     assert fp != output.fingerprint(manifest, {"model": "other"}) != output.fingerprint(_manifest(["a", "b"]), {})
     assert output.prepare(out, False, fp) is State.FRESH
     assert output.begin(out, State.FRESH, fp, manifest) == manifest
-    assert _json(storage.join(out, WORK_DIR, "input.json")) == {"fingerprint": fp}
+    assert _json(storage.join(out, WORK_DIR, "input.json"))["fingerprint"] == fp
     ShardWriter(out)(_rows(["a"]))
     if not storage.is_uri(out):  # a local shard write cut off before its rename
         Path(out, f".{SHARD_PREFIX}x.parquet.1.tmp").write_bytes(b"cut off")
@@ -172,3 +172,68 @@ def test_a_run_whose_rows_mostly_failed_is_committed_and_then_fails():
                                        r"output.max_error_fraction = 0.75 of them; the output is committed in /out"):
         output.check_errors("/out", summary, 0.75)
     output.check_errors("/out", {"rows_out": 0, "errors": 0, "errors_by_kind": {}}, 1.0)
+
+
+def _finished(out: str, ids: list[str], errors: tuple[str, ...] = ()) -> tuple[str, str]:
+    """A committed run of ``ids`` (one shard each pair; ``errors`` as error rows); its fingerprints."""
+    manifest, settings = _manifest(ids), {"model": "m"}
+    fp, same = output.fingerprint(manifest, settings), output.settings_fingerprint(settings)
+    output.begin(out, output.prepare(out, False, fp, same), fp, manifest, same)
+    writer = ShardWriter(out)
+    for pair in [ids[i:i + 2] for i in range(0, len(ids), 2)]:
+        rows = _rows(pair)
+        kinds = pa.array(["not_found" if i in errors else None for i in pair], pa.string())
+        writer(rows.set_column(rows.schema.get_field_index(S.ERROR_KIND), S.ERROR_KIND, kinds))
+    output.commit(out, {**output.summarize(out, manifest, 1.0), "fingerprint": fp, "settings_fingerprint": same})
+    return fp, same
+
+
+def test_a_grown_input_adds_its_new_rows_to_a_finished_run(out):
+    _, same = _finished(out, ["a", "b"])
+    before = _names(out)
+    grown = _manifest(["a", "b", "c"])
+    fp = output.fingerprint(grown, {"model": "m"})
+    assert output.prepare(out, False, fp, same) is State.UPDATE
+    assert output.begin(out, State.UPDATE, fp, grown, same)[S.ID].to_pylist() == ["c"]
+    assert sorted(output.read_output(out, [S.ID])[S.ID].to_pylist()) == ["a", "b"]  # readers: the last result
+    assert output.prepare(out, False, fp, same) is State.RESUME  # killed here: it resumes
+    ShardWriter(out)(_rows(["c"]))
+    output.finish(out)
+    summary = output.summarize(out, grown, 1.0)
+    assert (summary["rows_out"], summary["lost"], summary["duplicated"]) == (3, 0, 0)
+    output.commit(out, {**summary, "fingerprint": fp, "settings_fingerprint": same})
+    assert set(before) - {SUMMARY_FILE} <= set(_names(out))  # the old shards stay as they were
+    assert output.prepare(out, False, fp, same) is State.DONE
+    assert output.prepare(out, False, fp, same, retry_errors=True) is State.DONE  # no error rows to retry
+    moved = _manifest(["a", "b", "c"])
+    moved = moved.set_column(1, S.PATH, pa.array(["/c/a.flac", "/elsewhere/b.flac", "/c/c.flac"]))
+    for changed in [_manifest(["a", "c"]), moved]:
+        fp = output.fingerprint(changed, {"model": "m"})
+        assert output.prepare(out, False, fp, same) is State.UPDATE
+        with pytest.raises(JobError, match="whose row 'b' (is not in the input|is now '/elsewhere/b.flac')"):
+            output.begin(out, State.UPDATE, fp, changed, same)
+    with pytest.raises(JobError, match="holds a finished run of another input"):
+        output.prepare(out, False, "another", output.settings_fingerprint({"model": "other"}))
+
+
+def test_retry_errors_transcribes_only_the_error_rows_again(out):
+    fp, same = _finished(out, ["a", "b", "c", "d"], errors=("b",))
+    manifest = _manifest(["a", "b", "c", "d"])
+    untouched = [n for n in _names(out) if n.startswith(SHARD_PREFIX)
+                 and "b" not in output._table(out, [n], [S.ID])[S.ID].to_pylist()]
+    assert output.prepare(out, False, fp, same) is State.DONE
+    assert output.prepare(out, False, fp, same, retry_errors=True) is State.UPDATE
+    assert output.begin(out, State.UPDATE, fp, manifest, same, retry_errors=True)[S.ID].to_pylist() == ["b"]
+    assert output.prepare(out, False, fp, same, retry_errors=True) is State.RESUME
+    assert output.begin(out, State.RESUME, fp, manifest, same)[S.ID].to_pylist() == ["b"]  # resumed: still b
+    ShardWriter(out)(_rows(["b"]))
+    assert output.begin(out, State.RESUME, fp, manifest, same).num_rows == 0
+    output.finish(out)
+    summary = output.summarize(out, manifest, 1.0)
+    assert (summary["rows_out"], summary["errors"], summary["lost"], summary["duplicated"]) == (4, 0, 0, 0)
+    output.commit(out, {**summary, "fingerprint": fp, "settings_fingerprint": same})
+    rows = {r[S.ID]: r[S.ERROR_KIND] for r in output.read_output(out, [S.ID, S.ERROR_KIND]).to_pylist()}
+    assert rows == {"a": None, "b": None, "c": None, "d": None}
+    shards = [n for n in _names(out) if n.startswith(SHARD_PREFIX)]
+    assert set(untouched) < set(shards) and len(shards) == 3  # c+d as it was; a alone; b anew
+    assert sorted(s["path"] for s in _json(storage.join(out, MANIFEST_FILE))["shards"]) == sorted(shards)

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from faulty_decoder import FUNCTION, HANG_MARKER
 from helpers import start_transcribe, write_tone_clips
@@ -151,3 +152,38 @@ def test_an_output_that_breaks_the_invariant_gets_no_manifest(ray_cluster, tmp_p
         run_job(cfg)
     assert not (out / MANIFEST_FILE).exists()
     assert json.loads((out / SUMMARY_FILE).read_text())["duplicated"] == 2
+
+
+def test_a_grown_corpus_and_retried_errors_update_a_finished_run(tmp_path):
+    """A file missing at the first run is there now, and the corpus grew: the rerun with
+    --retry-errors transcribes that row and the new one only; shards without error rows stay."""
+    paths = write_tone_clips(tmp_path / "clips", [0.5 + 0.1 * i for i in range(8)])
+    late = paths[3].rename(tmp_path / "late.flac")  # not there yet at the first run
+    manifest, out = tmp_path / "manifest.csv", tmp_path / "out"
+    rows = [f"{p.stem},clips/{p.name}\n" for p in paths[:7]]
+    manifest.write_text("id,path\n" + "".join(rows))
+    args = ["--input", str(manifest), "--output", str(out), "--model", "@demo", "--set", "output.rows_per_shard=2",
+            "--set", "inference.rows_per_call=2", "--set", "decode.rows_per_task=2", "-q"]
+    first = start_transcribe(*args)
+    assert first.wait(timeout=300) == 0, first.communicate()[1][-2000:]
+    before = read_output(out).to_pylist()
+    assert {r[S.ID]: r[S.ERROR_KIND] for r in before if r[S.ERROR_KIND]} == {paths[3].stem: ErrorKind.NOT_FOUND}
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob(f"{SHARD_PREFIX}*.parquet")}
+    held_error = [n for n in stamps if paths[3].stem in pq.read_table(out / n)[S.ID].to_pylist()]
+
+    late.rename(paths[3])
+    manifest.write_text("id,path\n" + "".join([*rows, f"{paths[7].stem},clips/{paths[7].name}\n"]))
+    second = start_transcribe(*args, "--retry-errors")
+    _, stderr = second.communicate(timeout=300)
+    assert second.returncode == 0, stderr[-2000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["updated"] and (summary["rows_out"], summary["errors"], summary["lost"], summary["duplicated"]) \
+        == (8, 0, 0, 0)
+    assert_each_id_once(out, {p.stem for p in paths})
+    after = {f.name: f.stat().st_mtime_ns for f in out.glob(f"{SHARD_PREFIX}*.parquet")}
+    assert {n: after[n] for n in stamps if n not in held_error} == {n: t for n, t in stamps.items()
+                                                                     if n not in held_error}  # untouched
+    assert not set(held_error) & set(after)  # the shard that held the error row was replaced
+    old = {r[S.ID]: r[S.TRANSCRIPT] for r in before if not r[S.ERROR_KIND]}
+    new = {r[S.ID]: r[S.TRANSCRIPT] for r in read_output(out).to_pylist()}
+    assert {k: new[k] for k in old} == old
