@@ -17,6 +17,7 @@ The child runs the decode function named by ``decode.function`` (``module:functi
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib
 import os
 import signal
@@ -58,6 +59,16 @@ def _serve(requests: Connection, replies: Connection, decode: Callable[..., Deco
         replies.send(reply)
 
 
+def _widen(fd: int) -> None:
+    """Linux: grow the pipe's buffer (64 KiB by default) towards 1 MiB, so that a decoded waveform
+    crosses in a few writes instead of one wake-up of each process per 64 KiB (~1 ms per 10 s file)."""
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(limit, 1 << 20))
+    except (OSError, ValueError, AttributeError):  # not Linux, or no /proc: the default buffer works too
+        pass
+
+
 def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         try:
@@ -87,6 +98,7 @@ class IsolatedDecoder:
             [sys.executable, "-m", "pipeline.isolation", str(os.getpid()), self.function], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True,
         )
+        _widen(self._proc.stdout.fileno())
         self._requests = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
         self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
         self._proc.stdin.close()

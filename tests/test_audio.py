@@ -116,6 +116,11 @@ def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):
         with pytest.raises(AudioError) as missing:  # an ordinary error crosses the pipe with its kind
             decoder(str(tmp_path / "missing.wav"))
         assert missing.value.kind == ErrorKind.NOT_FOUND
+        if sys.platform.startswith("linux"):  # a 10 s waveform crosses in one write, not 10 of 64 KiB
+            import fcntl
+
+            assert fcntl.fcntl(decoder._replies.fileno(), fcntl.F_GETPIPE_SZ) >= min(
+                1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
     finally:
         decoder.close()
 
