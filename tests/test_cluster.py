@@ -115,9 +115,10 @@ class TwoNodes:
         return [n["node_id"] for n in self._list("nodes") if n["state"] == "ALIVE"]
 
     def submit(self, submission_id: str, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
-        """``ray job submit`` of the ``transcribe`` command line, as the README shows it."""
+        """``ray job submit`` of the ``transcribe`` command line from the checkout, as the README shows
+        it (``--working-dir .``: the job's relative paths, e.g. ``--config configs/…``, resolve there)."""
         command = [RAY, "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
-                   "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+                   "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
                    *([] if wait else ["--no-wait"]), "--", "transcribe", *args]
         for _ in range(60):  # the job agent starts some seconds after the dashboard
             proc = subprocess.Popen(command, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -203,7 +204,7 @@ def assert_each_id_once(out: Path, rows: int) -> None:
 
 def test_a_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     out = tmp_path / "out"
-    proc = cluster.submit("spread", *JOB, "--output", str(out), wait=False)
+    proc = cluster.submit("spread", "--config", "configs/demo.yaml", *JOB, "--output", str(out), wait=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cluster.wait_for("spread", timeout=300) == "SUCCEEDED", cluster.logs("spread")[-3000:]
     assert_each_id_once(out, 40)
