@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import secrets
 import signal
 import socket
 import time
@@ -43,12 +44,13 @@ class S3Server:
     def __init__(self) -> None:
         self.port = _free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        self.secret = f"secret-{secrets.token_hex(8)}"  # must never appear in what the job prints or writes
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": self.secret,
                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
 
     def client(self):
         return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+                            aws_access_key_id="testing", aws_secret_access_key=self.secret)
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -88,8 +90,9 @@ def transcribe(s3: S3Server, *args: str, **kw):
 
 def run(s3: S3Server, *args: str, timeout: float = 300) -> str:
     proc = transcribe(s3, *args)
-    _, stderr = proc.communicate(timeout=timeout)
+    stdout, stderr = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, stderr[-3000:]
+    assert s3.secret not in stdout + stderr
     return stderr
 
 
@@ -127,6 +130,8 @@ def test_a_manifest_in_object_storage_to_an_output_in_object_storage(s3, on_disk
     listed = json.loads(s3.client().get_object(Bucket="results", Key=f"manifest-run/{MANIFEST_FILE}")["Body"].read())
     assert sorted(f"manifest-run/{s['path']}" for s in listed["shards"]) == shards and listed["rows"] == 41
     assert f"manifest-run/{SUMMARY_FILE}" in keys and not [k for k in keys if f"/{WORK_DIR}/" in k]
+    summary = s3.client().get_object(Bucket="results", Key=f"manifest-run/{SUMMARY_FILE}")["Body"].read().decode()
+    assert s3.secret not in summary  # the effective config it records holds no credential
 
     stderr = run(s3, *FP32, "--input", "s3://corpus/sets/manifest.csv", "--output", out, "--set",
                  "output.overwrite=false")
