@@ -203,12 +203,15 @@ def begin(output: str, state: State, fingerprint: str, manifest: pa.Table, setti
         for f in storage.children(output):
             if _is_temporary(f.base_name):  # a local shard whose write was cut off
                 storage.delete(storage.join(output, f.base_name))
-    replaced = _table(output, [n for n in record["replaces"] if n in _shards(output)], [S.ID])
-    kept = pc.filter(replaced[S.ID], pc.invert(pc.is_in(replaced[S.ID], value_set=pa.array(record["redo"],
-                                                                                            pa.string()))))
-    done = pa.concat_arrays([_table(output, _live_shards(output, record), [S.ID])[S.ID].combine_chunks(),
-                             kept.combine_chunks()])
+    live, replaced = _split(output, record)
+    kept = _without_redone(_table(output, replaced, [S.ID]), record)[S.ID]  # rewritten by finish, not redone
+    done = pa.concat_arrays([_table(output, live, [S.ID])[S.ID].combine_chunks(), kept.combine_chunks()])
     return manifest.filter(pc.invert(pc.is_in(manifest[S.ID], value_set=done)))
+
+
+def _without_redone(table: pa.Table, record: dict[str, Any]) -> pa.Table:
+    """``table`` less the rows an update redoes."""
+    return table.filter(pc.invert(pc.is_in(table[S.ID], value_set=pa.array(record["redo"], pa.string()))))
 
 
 def _check_still_in(output: str, committed: pa.Table, manifest: pa.Table) -> None:
@@ -228,12 +231,9 @@ def finish(output: str) -> None:
     """After an update's rows are written: each shard it replaces is written again without the rows
     it redid (the old one is deleted by :func:`commit`, after ``_manifest.json`` no longer lists it)."""
     record = _work(output)
-    redo = pa.array(record["redo"], pa.string())
     writer = ShardWriter(output)
-    for name in record["replaces"]:
-        if name in _shards(output):
-            table = _table(output, [name], None)
-            writer(table.filter(pc.invert(pc.is_in(table[S.ID], value_set=redo))))
+    for name in _split(output, record)[1]:
+        writer(_without_redone(_table(output, [name], None), record))
 
 
 def check_errors(output: str, summary: dict[str, Any], max_fraction: float) -> None:
@@ -266,7 +266,7 @@ def commit(output: str, summary: dict[str, Any]) -> list[str]:
             f"{summary['duplicated']} duplicated (see {storage.join(output, SUMMARY_FILE)})"
         )
     record = _work(output)
-    footers = _footers(output, _live_shards(output, record))
+    footers = _footers(output, _split(output, record)[0])
     _write_json(storage.join(output, SUMMARY_FILE), summary)
     _write_json(storage.join(output, MANIFEST_FILE), {
         "shards": [{"path": name, "rows": footer.num_rows} for name, footer in footers.items()],
@@ -283,14 +283,21 @@ def _shards(output: str) -> list[str]:
                   if f.base_name.startswith(SHARD_PREFIX) and f.base_name.endswith(".parquet"))
 
 
-def _live_shards(output: str, record: dict[str, Any] | None = None) -> list[str]:
+def _split(output: str, record: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The shards in ``output`` from one listing: those the run's result is made of, and those the
+    unfinished update of ``record`` replaces."""
+    replaced = set(record["replaces"])
+    names = _shards(output)
+    return [n for n in names if n not in replaced], [n for n in names if n in replaced]
+
+
+def _live_shards(output: str) -> list[str]:
     """The shards the run's result is made of: all but those an unfinished update replaces."""
-    replaced = set((record or (_work(output) if _has_work(output) else {})).get("replaces", ()))
-    return [name for name in _shards(output) if name not in replaced]
-
-
-def _has_work(output: str) -> bool:
-    return storage.info(storage.join(output, WORK_DIR, FINGERPRINT_FILE)).type == pafs.FileType.File
+    try:
+        record = _work(output)
+    except FileNotFoundError:  # no unfinished run
+        return _shards(output)
+    return _split(output, record)[0]
 
 
 def _committed_shards(output: str) -> list[str]:
@@ -310,10 +317,10 @@ def _table(output: str, names: list[str], columns: list[str] | None, with_shard:
     dataset = pads.dataset([f"{folder}/{name}" for name in names], format="parquet", filesystem=fs)
     if not with_shard:
         return storage.retried(lambda: dataset.to_table(columns=columns))
-    tables = [storage.retried(lambda fragment=fragment: fragment.to_table(columns=columns))
-              for fragment in dataset.get_fragments()]
+    fragments = list(dataset.get_fragments())
+    tables = [storage.retried(lambda fragment=fragment: fragment.to_table(columns=columns)) for fragment in fragments]
     shards = [pa.array([f.path.rsplit("/", 1)[-1]] * t.num_rows, pa.string())
-              for f, t in zip(dataset.get_fragments(), tables, strict=True)]
+              for f, t in zip(fragments, tables, strict=True)]
     return pa.concat_tables(tables).append_column("shard", pa.chunked_array(shards, pa.string()))
 
 
