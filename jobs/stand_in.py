@@ -10,6 +10,7 @@ writing are measured against a known ceiling: the job can at best run at ``rate`
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,15 +40,23 @@ class StandInTranscriber:
         self._free_at = max(time.monotonic(), self._free_at) + padded / SAMPLE_RATE / self.rate
         return self._free_at, len(waves)
 
-    def finish(self, started: tuple[float, int]) -> list[str]:
+    def finish(self, started: tuple[float, int]) -> list[tuple[np.ndarray, ...]]:
         done_at, rows = started
         time.sleep(max(0.0, done_at - time.monotonic()))
-        return [""] * rows
+        return [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * rows
 
-    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
-        """Each batch started before the one ahead is finished, as the real transcriber does."""
+    def decode(self, sequences: Sequence[np.ndarray]) -> list[str]:
+        return [""] * len(sequences)
+
+    def words(self, ids: np.ndarray, confidence: np.ndarray) -> list[tuple[str, int, int, float]]:
+        return []
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]], logprobs: bool = False
+                           ) -> Iterator[list | Exception]:
+        """Each batch started before the one ahead is finished, as the real transcriber does (no
+        log-probabilities: the stand-in has no vocabulary for an LM to decode)."""
         pending = None
-        for waves in [*batches, None]:
+        for waves in itertools.chain(batches, [None]):
             started = self.start(waves) if waves is not None else None
             if pending is not None:
                 yield self.finish(pending)

@@ -7,16 +7,19 @@ import json
 import logging
 import sys
 
+from pipeline import report
 from pipeline.config import DEFAULT_MODEL, JobConfig, load_config
 from pipeline.engine import run_job
 from pipeline.errors import ConfigError, JobError
 from pipeline.logs import LOG_FORMAT
+from pipeline.output import SUMMARY_FILE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="transcribe",
-        description="Transcribe an audio corpus with a wav2vec2 CTC model on Ray; write Parquet shards.",
+        description="Transcribe an audio corpus with a wav2vec2 CTC model on Ray; write Parquet shards. "
+                    "`transcribe report OUT_DIR` writes a finished run's _report.html.",
     )
     ap.add_argument("--input", help="manifest (.csv/.tsv/.jsonl/.parquet), audio folder, HF dataset folder, "
                     "hf:NAME, @sample or @heldout (the bundled clips); a manifest or folder may be a URI "
@@ -45,7 +48,27 @@ def config(args: argparse.Namespace) -> JobConfig:
     )
 
 
+def report_main(argv: list[str]) -> int:
+    """``transcribe report OUT_DIR``: write a finished run's ``_report.html``."""
+    ap = argparse.ArgumentParser(prog="transcribe report",
+                                 description="Write OUT_DIR/_report.html for a finished run (pipeline.report).")
+    ap.add_argument("output", help="the run's output folder or URI")
+    args = ap.parse_args(argv)
+    try:
+        print(report.write(args.output))
+    except FileNotFoundError:
+        print(f"transcribe report: error: {args.output} holds no finished run (no {SUMMARY_FILE})", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, JobError) as exc:
+        print(f"transcribe report: error: {args.output}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -56,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError) as exc:
         print(f"transcribe: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    # A finished output's rerun prints that run's summary with "already_complete": true (the job
+    # logs "nothing to do").
     keys = ("rows_in", "rows_out", "transcribed", "errors", "errors_by_kind", "audio_hours", "wall_s",
-            "audio_s_per_s", "padding_waste")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+            "audio_s_per_s", "padding_waste", "already_complete", "scores")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
 
 

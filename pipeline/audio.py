@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -138,7 +139,30 @@ def _open(path: str, data: bytes | None, max_bytes: float) -> sf.SoundFile:
     try:
         return sf.SoundFile(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: libsndfile cannot decode it ({exc})") from None
+        raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: libsndfile cannot decode it ({_reason(exc)})") from None
+
+
+_OPENED = re.compile(r"Error opening <[^>]*>: ")
+
+
+def _reason(exc: BaseException) -> str:
+    """libsndfile's message without soundfile's ``Error opening <_io.BufferedReader name=...>:`` prefix
+    (the row's path is in the message already)."""
+    return _OPENED.sub("", str(exc)).strip()
+
+
+# Frames per read when averaging channels: an hour of 44.1 kHz stereo is 1.3 GB as float32 frames,
+# its mono half that, so channels are averaged a block at a time.
+MONO_BLOCK_FRAMES = 1 << 20
+
+
+def _read_mono(f: sf.SoundFile) -> np.ndarray:
+    """All of ``f`` as float32 mono, channels averaged; at most one block of all channels in memory."""
+    if f.channels == 1:
+        return f.read(dtype="float32", always_2d=True)[:, 0]
+    blocks = [block.mean(axis=1, dtype=np.float32)
+              for block in f.blocks(MONO_BLOCK_FRAMES, dtype="float32", always_2d=True)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)  # briefly twice the mono
 
 
 def decode(
@@ -162,24 +186,24 @@ def decode(
                 ErrorKind.DECODE_ERROR,
                 f"{path}: implausible header ({info.sample_rate} Hz, {info.num_channels} channels)",
             )
+        header = (info.duration_s, info.sample_rate, info.num_channels)  # error rows past here keep it
         # The header's length is checked before any sample is read: a corrupt header can claim
         # billions of frames, and reading it blindly would try to allocate all of them.
         if info.duration_s > max_duration_s:
             raise AudioError(
                 ErrorKind.TOO_LONG,
-                f"{path}: {info.duration_s:.1f} s is longer than audio.max_duration_s = {max_duration_s:g}",
+                f"{path}: {info.duration_s:.1f} s is longer than audio.max_duration_s = {max_duration_s:g}", header,
             )
         try:
-            frames = f.read(dtype="float32", always_2d=True)
+            mono = _read_mono(f)
         except (sf.LibsndfileError, RuntimeError) as exc:
-            raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: decoding failed ({exc})") from None
-    if frames.shape[0] == 0:
-        raise AudioError(ErrorKind.EMPTY, f"{path}: holds no samples")
-    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+            raise AudioError(ErrorKind.DECODE_ERROR, f"{path}: decoding failed ({_reason(exc)})", header) from None
+    if len(mono) == 0:
+        raise AudioError(ErrorKind.EMPTY, f"{path}: holds no samples", header)
     if not np.isfinite(mono).all():
-        raise AudioError(ErrorKind.NON_FINITE, f"{path}: holds NaN or infinite samples")
+        raise AudioError(ErrorKind.NON_FINITE, f"{path}: holds NaN or infinite samples", header)
+    duration = len(mono) / info.sample_rate  # of the source, before resampling
     if info.sample_rate != target_rate:
         mono = soxr.resample(mono, info.sample_rate, target_rate, quality="HQ")
     audio = normalize(mono) if do_normalize else np.ascontiguousarray(mono, dtype=np.float32)
-    duration = frames.shape[0] / info.sample_rate
     return Decoded(audio=audio, sample_rate=info.sample_rate, num_channels=info.num_channels, duration_s=duration)

@@ -27,7 +27,8 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     path: str | None = Field(
         None, description="Manifest (csv/jsonl/parquet), audio folder, HF dataset, @sample or @heldout")
-    format: Literal["auto", "csv", "jsonl", "parquet", "folder", "hf"] = "auto"
+    # auto: by the name (a glob, an audio file, a manifest's suffix) or the folder's contents
+    format: Literal["auto", "csv", "jsonl", "parquet", "folder", "hf", "glob", "audio"] = "auto"
     hf_split: str | None = None
     hf_config: str | None = None
     audio_column: str = "audio"
@@ -54,6 +55,10 @@ class OutputConfig(_Section):
     # A finished run is transcribed again for its error rows only (e.g. files missing then, present now);
     # its other rows and shards stay as they are.
     retry_errors: bool = False
+    # The words column (each word with its start, end and confidence); false leaves it out.
+    words: bool = True
+    # Write _report.html (pipeline.report) once the run is committed; `transcribe report OUT_DIR` any time.
+    report: bool = False
 
 
 class ModelConfig(_Section):
@@ -70,7 +75,8 @@ class ModelConfig(_Section):
 
 
 class AudioConfig(_Section):
-    max_duration_s: float = Field(120.0, gt=0)  # checked against the header before decoding
+    # Checked against the header before decoding; longer files are cut into windows (inference.window_s).
+    max_duration_s: float = Field(4 * 3600.0, gt=0)
     max_file_bytes: int = Field(2 * 1024**3, ge=1)  # checked with stat before opening
 
 
@@ -81,7 +87,7 @@ class DecodeConfig(_Section):
     # Decode in a child process per worker, so a file that crashes or hangs the decoder costs its
     # row only (pipeline.isolation); timeout_s and max_attempts bound each row.
     isolate: bool = True
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(300.0, gt=0)  # for one file, with room for multi-hour recordings
     max_attempts: int = Field(2, ge=1)
     # The function that decodes one file, ``module:function`` with pipeline.audio.decode's signature
     # (e.g. another codec's); importable by every worker.
@@ -116,6 +122,12 @@ class InferenceConfig(_Section):
     rows_per_call: int = Field(64, ge=1)
     max_batch_samples: int = Field(1_600_000, ge=16_000)
     max_padding_waste: float = Field(0.05, ge=0)  # per batch: padded / real samples - 1
+    # A file longer than window_s is cut into windows of window_s that overlap by the strides (left,
+    # right; a number: both), rounded to the model's frame hop, as the transformers pipeline's
+    # chunk_length_s and stride_length_s; the strides' frames are dropped, the rest stitched in order.
+    # Shorter files run whole, as utterance corpora's do. The windows of all rows share padded batches.
+    window_s: float = Field(40.0, gt=0)
+    window_stride_s: float | tuple[float, float] = 4.0
     # Restarts of a replica that died, and retries of the rows it held; then the job fails instead
     # of retrying forever (Ray Data's default for actor pools).
     max_restarts: int = Field(3, ge=0)
@@ -132,6 +144,13 @@ class InferenceConfig(_Section):
                 "inference.precision = 'fp16': needs GPU replicas (inference.gpus_per_replica > 0); "
                 "use bf16 on CPUs"
             )
+        left, right = self.strides
+        if min(left, right) < 0 or left + right >= self.window_s:
+            raise ValueError(
+                f"inference.window_stride_s = {self.window_stride_s}: strides of {left:g} s and {right:g} s "
+                f"leave no centre in inference.window_s = {self.window_s:g}; make them non-negative and "
+                "together shorter than the window"
+            )
         if self.device == "cuda" and self.gpus_per_replica == 0:
             raise ValueError(
                 "inference.device = cuda: needs inference.gpus_per_replica > 0 so Ray gives each "
@@ -140,10 +159,55 @@ class InferenceConfig(_Section):
         return self
 
 
+    @property
+    def strides(self) -> tuple[float, float]:
+        """The left and right strides in seconds."""
+        if isinstance(self.window_stride_s, tuple):
+            return self.window_stride_s
+        return self.window_stride_s, self.window_stride_s
+
+
+class DecodingConfig(_Section):
+    # Greedy CTC decoding, or a beam search with a word n-gram LM (pyctcdecode + KenLM) in CPU tasks
+    # after the replicas. lm: "auto" uses the checkpoint's own LM (its language_model/ folder, as
+    # Wav2Vec2ProcessorWithLM saves it) where it has one, else greedy; "none": greedy; else a KenLM
+    # model, ARPA or binary (a path every node reaches, a URI, or @demo-lm).
+    lm: str = "auto"
+    alpha: float | None = Field(None, ge=0)  # the LM's weight; null: the checkpoint's, else 0.5
+    beta: float | None = None  # the bonus per word; null: the checkpoint's, else 1.0
+    beam_width: int = Field(100, ge=1)
+    unigrams: str | None = None  # the LM's words, one per line; null: read from an ARPA file
+    hotwords: list[str] = []  # words or phrases the beam favours
+    hotword_weight: float = 10.0
+    rows_per_task: int = Field(64, ge=1)
+    cpus_per_task: float = Field(1.0, gt=0)
+
+    @field_validator("lm")
+    @classmethod
+    def _lm_exists(cls, value: str) -> str:
+        if value in ("auto", "none"):
+            return value
+        path = bundled.lm_path(value)
+        if "://" not in path and not Path(path).is_file():
+            raise ValueError(f"decoding.lm = {value!r}: no such file; give a KenLM model (ARPA or binary), "
+                             "'auto' or 'none'")
+        return value
+
+    @field_validator("unigrams")
+    @classmethod
+    def _unigrams_exist(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not Path(value).is_file():
+            raise ValueError(f"decoding.unigrams = {value!r}: no such file; give a text file of words, one per line")
+        return value
+
+
 class RayConfig(_Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
-    progress_bars: bool = True
+    # Ray Data's progress bars, one per operator; the job's own progress line (rows, audio, speed,
+    # ETA, logged every ray.progress_every_s) is on unless --quiet.
+    progress_bars: bool = False
+    progress_every_s: float = Field(10.0, gt=0)
 
 
 class JobConfig(_Section):
@@ -153,6 +217,7 @@ class JobConfig(_Section):
     audio: AudioConfig = AudioConfig()
     decode: DecodeConfig = DecodeConfig()
     inference: InferenceConfig = InferenceConfig()
+    decoding: DecodingConfig = DecodingConfig()
     ray: RayConfig = RayConfig()
 
 
@@ -182,10 +247,13 @@ def _set_key(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE``; the value is read as YAML (``2`` is an int, ``null`` is None)."""
+    """Split ``KEY=VALUE``; the value is read as YAML (``2`` is an int, ``null`` is None), except a
+    bundled ``@name``, which YAML cannot start a plain value with."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. inference.max_replicas=2")
+    if raw.strip().startswith(bundled.PREFIX):
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:

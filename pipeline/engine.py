@@ -8,10 +8,13 @@ protocol (what is written, committed and resumed) is :mod:`pipeline.output`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import os
+import platform
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,20 +24,32 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.util.annotations import RayDeprecationWarning
 
 import pipeline
-from pipeline import output, storage
+from pipeline import bundled, output, report, storage
+from pipeline import schema as S
 from pipeline.config import DEFAULT_DECODER, JobConfig, resolve_resources
 from pipeline.decode import DecodeStage
-from pipeline.errors import JobError, ManifestError
+from pipeline.errors import ConfigError, JobError, ManifestError
 from pipeline.isolation import import_function
+from pipeline.lm import LanguageModel, LMDecodeStage
 from pipeline.manifest import read_manifest
 from pipeline.memory import CPU_REPLICA_ENV, environ
-from pipeline.model.spec import FrontEnd, ModelSpec, TranscriberLoader, load_front_end
+from pipeline.model.spec import (
+    FrontEnd,
+    ModelSpec,
+    TranscriberLoader,
+    check_available,
+    ctc_labels,
+    has_language_model,
+    load_front_end,
+)
 from pipeline.output import ShardWriter, State
 from pipeline.transcribe import Transcriber, TranscribeStage
+from pipeline.windows import Windowing
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +67,13 @@ class Plan:
     fingerprint: str  # of the input rows and the settings that change transcripts
     settings_fingerprint: str  # of those settings alone: an output of the same ones may take new rows
     state: State
+    windowing: Windowing  # how long recordings are cut, in the model's samples
+    lm: LanguageModel | None  # the n-gram LM decoding step's; None: greedy decoding in the replicas
     load: Callable[[], Transcriber] | None = None  # builds each replica's transcriber; None: the configured model
 
     def decode_stage(self) -> DecodeStage:
         """The job's decode stage: the model's rate and normalisation, the config's limits and isolation."""
-        return DecodeStage(self.front_end, self.cfg.input, self.cfg.audio, self.cfg.decode)
+        return DecodeStage(self.front_end, self.cfg.input, self.cfg.audio, self.cfg.decode, self.windowing.length)
 
     def transcribe_stage_kwargs(self) -> dict[str, Any]:
         """The job's ``TranscribeStage`` arguments, for each replica to construct it with."""
@@ -65,6 +82,9 @@ class Plan:
             "inference": self.cfg.inference,
             "model_name": self.spec.name,
             "metadata": metadata(self),
+            "windowing": self.windowing,
+            "words": self.cfg.output.words,
+            "lm": self.lm is not None,
             "log_level": logging.getLogger("pipeline").getEffectiveLevel(),
         }
 
@@ -89,21 +109,67 @@ def plan(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> Plan:
                      cfg.model.allow_pickle_weights).located()
     try:
         spec.check_local_weights()
+        check_available(spec)
     except ValueError as exc:
         raise JobError(str(exc)) from None
     try:
         front_end = load_front_end(spec)
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean "cannot load"
         raise JobError(f"model.name = {spec.name!r}: cannot load its feature extractor ({exc})") from None
-    # What changes transcripts: the model, the audio limits, the precision and another decoder than the default.
-    settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(), "precision": cfg.inference.precision}
+    windowing = _windowing(cfg, front_end)
+    lm = language_model(cfg, spec)
+    # What changes transcripts or the shards' columns: the model, the audio limits, the windows, the
+    # precision, the words column and another decoder than the default.
+    settings = {"model": cfg.model.model_dump(), "audio": cfg.audio.model_dump(), "precision": cfg.inference.precision,
+                "windows": [windowing.length, windowing.left, windowing.right], "words": cfg.output.words,
+                "decoding": "greedy" if lm is None else dataclasses.asdict(lm)}
     if cfg.decode.function != DEFAULT_DECODER:
         settings["decoder"] = cfg.decode.function
     if load is not None:
         settings["transcriber"] = repr(load)
     fingerprint, same_settings = output.fingerprint(manifest, settings), output.settings_fingerprint(settings)
     state = output.prepare(out, cfg.output.overwrite, fingerprint, same_settings, cfg.output.retry_errors)
-    return Plan(cfg, manifest, front_end, spec, out, fingerprint, same_settings, state, load)
+    return Plan(cfg, manifest, front_end, spec, out, fingerprint, same_settings, state, windowing, lm, load)
+
+
+def language_model(cfg: JobConfig, spec: ModelSpec) -> LanguageModel | None:
+    """The LM decoding step's settings (``decoding``), checked; None for greedy decoding."""
+    d = cfg.decoding
+    if d.lm == "none" or (d.lm == "auto" and not has_language_model(spec)):
+        return None
+    if d.lm == "auto" and not LanguageModel.installed():
+        log.warning("%s ships an n-gram LM, but pyctcdecode or kenlm is not installed: decoding greedily "
+                    "(pip install '.[lm]' && pip install --no-deps pyctcdecode==0.5.0 to use it)", spec.name)
+        return None
+    try:
+        labels = tuple(ctc_labels(spec))
+    except Exception as exc:  # noqa: BLE001 - hub, network and file errors all mean "cannot load"
+        raise JobError(f"model.name = {spec.name!r}: cannot load its tokenizer for the LM ({exc})") from None
+    where = {"checkpoint": spec.source, "revision": spec.revision} if d.lm == "auto" else {
+        "file": d.lm if d.lm.startswith(bundled.PREFIX) else storage.absolute(d.lm)}
+    unigrams = None if d.unigrams is None else storage.absolute(d.unigrams)
+    lm = LanguageModel(labels, **where, alpha=d.alpha, beta=d.beta, beam_width=d.beam_width, unigrams=unigrams,
+                       hotwords=tuple(d.hotwords), hotword_weight=d.hotword_weight)
+    lm.check()
+    return lm
+
+
+def _windowing(cfg: JobConfig, front_end: FrontEnd) -> Windowing:
+    """The config's windows in the model's samples; raise :class:`ConfigError` where the model's
+    frames leave them unusable."""
+    inf, rate = cfg.inference, front_end.sampling_rate
+    w = Windowing.of(inf.window_s, inf.strides, rate, front_end.hop, front_end.do_normalize)
+    if w.length < front_end.min_samples:
+        raise ConfigError(f"inference.window_s = {inf.window_s:g}: shorter than the model's receptive field "
+                          f"({front_end.min_samples / rate:.3f} s); make it at least a few seconds")
+    if w.left < front_end.min_samples:  # else a recording's last window can be a few samples, too few for a frame
+        raise ConfigError(f"inference.window_stride_s = {inf.window_stride_s}: the left stride must be at least the "
+                          f"model's receptive field ({front_end.min_samples / rate:.3f} s), rounded to its frames")
+    if w.step <= 0:
+        raise ConfigError(f"inference.window_stride_s = {inf.window_stride_s}: rounded to the model's frames "
+                          f"({front_end.hop / rate:g} s), the strides leave no centre in inference.window_s = "
+                          f"{inf.window_s:g}; shorten them")
+    return w
 
 
 def metadata(p: Plan) -> dict[str, Any]:
@@ -136,6 +202,13 @@ def ray_session(cfg: JobConfig) -> Iterator[bool]:
         yield False
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    # Bars off is the job's default (it logs its own progress line): Ray Data need not warn of it.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    if logging.getLogger("pipeline").getEffectiveLevel() > logging.INFO:  # --quiet: Ray's own lines too
+        kwargs["logging_level"] = logging.WARNING
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read where Ray Data configures its logging
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address := cluster_address(cfg):
         try:
             # Ship this package to the cluster's workers, which may not have it installed.
@@ -215,16 +288,18 @@ def decode_dataset(p: Plan, manifest: pa.Table) -> ray.data.Dataset:
         )
 
 
-def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -> ray.data.Dataset:
-    """Manifest rows → decode tasks → inference actor pool → shard writers, as one lazy Dataset
-    whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
-    ``CPU_REPLICA_ENV``, else CPU replicas are given it."""
+def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False,
+                  tally: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+    """Manifest rows → decode tasks → inference actor pool (→ LM tasks) → shard writers, as one lazy
+    Dataset whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
+    ``CPU_REPLICA_ENV``, else CPU replicas are given it. ``tally``: a :class:`Tally` the replicas add
+    their rows and audio to."""
     cfg, inf = p.cfg, p.cfg.inference
     ds = decode_dataset(p, manifest)
     with _retries_through_remote_args():
         ds = ds.map_batches(
-            TranscribeStage,
-            fn_constructor_kwargs=p.transcribe_stage_kwargs(),
+            TranscribeStage if tally is None else CountedTranscribeStage,
+            fn_constructor_kwargs=p.transcribe_stage_kwargs() | ({} if tally is None else {"tally": tally}),
             compute=ray.data.ActorPoolStrategy(min_size=inf.min_replicas, max_size=inf.max_replicas),
             batch_format="pyarrow",
             batch_size=inf.rows_per_call,
@@ -235,6 +310,15 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
             runtime_env=None if workers_have_env or inf.gpus_per_replica else {"env_vars": CPU_REPLICA_ENV},
             udf_modifying_row_count=False,
         )
+        if p.lm is not None:
+            ds = ds.map_batches(
+                LMDecodeStage(p.lm, p.windowing),
+                batch_format="pyarrow",
+                batch_size=cfg.decoding.rows_per_task,
+                num_cpus=cfg.decoding.cpus_per_task,
+                max_retries=cfg.decode.max_retries,
+                udf_modifying_row_count=False,
+            )
         # No CPU for the writer: it is light, and with one it waited behind decode tasks holding every
         # CPU the replicas left, so a file hanging its decoder held back all committed output.
         return ds.map_batches(
@@ -244,6 +328,63 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False) -
             num_cpus=0,
             max_retries=cfg.output.max_retries,
         )
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """Rows and audio seconds transcribed so far (the progress line's source)."""
+
+    def __init__(self):
+        self.rows, self.audio_s = 0, 0.0
+
+    def add(self, rows: int, audio_s: float) -> None:
+        self.rows += rows
+        self.audio_s += audio_s
+
+    def totals(self) -> tuple[int, float]:
+        return self.rows, self.audio_s
+
+
+class CountedTranscribeStage(TranscribeStage):
+    """The replica's stage, adding each call's rows and audio to a :class:`Tally` (in the replica:
+    a separate counting step would cost the job more worker processes and seconds)."""
+
+    def __init__(self, tally: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tally = tally
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out = super().__call__(table)
+        self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0))
+        return out
+
+
+@contextmanager
+def progress_line(rows: int, every_s: float) -> Iterator[Any]:
+    """A :class:`Tally`, and a thread that logs one progress line from it every ``every_s`` seconds
+    (rows done, audio, speed, ETA) until the block ends; nothing when INFO is not logged (--quiet)."""
+    tally = Tally.remote()
+    if not log.isEnabledFor(logging.INFO):
+        yield tally
+        return
+    done, started = threading.Event(), time.perf_counter()
+
+    def report() -> None:
+        while not done.wait(every_s):
+            n, audio_s = ray.get(tally.totals.remote())
+            n = min(n, rows)  # rows a restarted replica redid count twice
+            elapsed = time.perf_counter() - started
+            eta = f"{(rows - n) * elapsed / n / 60:.1f} min" if n else "unknown"
+            log.info("progress: %s of %s rows (%.0f%%), %.2f h of audio, %.0f audio s/s, ETA %s",
+                     f"{n:,}", f"{rows:,}", 100 * n / rows, audio_s / 3600, audio_s / elapsed, eta)
+
+    thread = threading.Thread(target=report, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield tally
+    finally:
+        done.set()
+        thread.join(timeout=every_s + 5)
 
 
 def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> dict[str, Any]:
@@ -268,6 +409,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
         p.cfg = cfg = sized_config(cfg)
         check_resources(cfg)
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        hardware = cluster_hardware()
         # Only now, with the settings known to hold: a run refused here leaves no _work behind.
         todo = output.begin(p.output, p.state, p.fingerprint, p.manifest, p.settings_fingerprint,
                             cfg.output.retry_errors)
@@ -281,8 +423,9 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
         marks.append(("ray_start", time.perf_counter()))
         if todo.num_rows:
             try:
-                for _ in build_dataset(p, todo, workers_have_env).iter_batches(batch_size=None):
-                    pass
+                with progress_line(todo.num_rows, cfg.ray.progress_every_s) as tally:
+                    for _ in build_dataset(p, todo, workers_have_env, tally).iter_batches(batch_size=None):
+                        pass
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))
@@ -292,13 +435,28 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     summary = {**metadata(p), **output.summarize(p.output, p.manifest, time.perf_counter() - started),
                "resumed": p.state is State.RESUME, "updated": p.state is State.UPDATE,
                "fingerprint": p.fingerprint, "settings_fingerprint": p.settings_fingerprint,
-               "config": cfg.model_dump(),
+               "config": cfg.model_dump(), "hardware": hardware,
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}
     shards = output.commit(p.output, summary)
     log.info("committed %d shards to %s", len(shards), storage.join(p.output, output.MANIFEST_FILE))
+    if cfg.output.report:
+        try:
+            log.info("report: %s", report.write(p.output))
+        except Exception as exc:  # noqa: BLE001 - the run is committed; a report that fails must not undo that
+            log.warning("the report was not written (%s: %s); `transcribe report %s` tries again",
+                        type(exc).__name__, exc, p.output)
     output.check_errors(p.output, summary, cfg.output.max_error_fraction)
     return summary
+
+
+def cluster_hardware() -> dict[str, Any]:
+    """What Ray reports of the cluster the job runs on: nodes, CPUs, GPUs and their kind, memory."""
+    resources = ray.cluster_resources()
+    kinds = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
+            "gpus": resources.get("GPU", 0), "accelerators": ", ".join(kinds) or "none",
+            "memory_gib": round(resources.get("memory", 0) / 2**30, 1), "driver": platform.platform()}
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -45,14 +45,16 @@ class Stage(_Str):
 
 
 class AudioError(Exception):
-    """One row cannot be transcribed: ``kind`` says why, the message names the file."""
+    """One row cannot be transcribed: ``kind`` says why, the message names the file; ``header``,
+    ``(duration_s, sample_rate, num_channels)`` where the file's header was read before it failed."""
 
-    def __init__(self, kind: ErrorKind | str, message: str):
+    def __init__(self, kind: ErrorKind | str, message: str, header: tuple | None = None):
         super().__init__(message)
         self.kind = ErrorKind(kind)
+        self.header = header
 
-    def __reduce__(self):  # pickles across the isolated decoder's pipe with its kind
-        return (AudioError, (self.kind.value, str(self)))
+    def __reduce__(self):  # pickles across the isolated decoder's pipe with its kind and header
+        return (AudioError, (self.kind.value, str(self), self.header))
 
 
 class ConfigError(ValueError):

@@ -44,7 +44,7 @@ def import_function(target: str) -> Callable[..., Decoded]:
 
 
 def _serve(requests: Connection, replies: Connection, decode: Callable[..., Decoded]) -> None:
-    """The child's loop: decode each request, answer ("ok", Decoded) or ("error", kind, message)."""
+    """The child's loop: decode each request, answer ("ok", Decoded) or ("error", kind, message, header)."""
     while True:
         try:
             path, data, kwargs = requests.recv()
@@ -53,9 +53,9 @@ def _serve(requests: Connection, replies: Connection, decode: Callable[..., Deco
         try:
             reply: tuple = ("ok", decode(path, data, **kwargs))
         except AudioError as exc:
-            reply = ("error", exc.kind, str(exc))
+            reply = ("error", exc.kind, str(exc), exc.header)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's
-            reply = ("error", ErrorKind.DECODE_ERROR, f"{path}: {type(exc).__name__}: {exc}")
+            reply = ("error", ErrorKind.DECODE_ERROR, f"{path}: {type(exc).__name__}: {exc}", None)
         replies.send(reply)
 
 
@@ -148,7 +148,7 @@ class IsolatedDecoder:
                 continue
             if reply[0] == "ok":
                 return reply[1]
-            raise AudioError(reply[1], reply[2])
+            raise AudioError(*reply[1:])
         raise AudioError(
             ErrorKind.WORKER_CRASH,
             f"{path}: the decoding process died on it {self.max_attempts} times "

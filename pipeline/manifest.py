@@ -1,9 +1,9 @@
 """Read any supported input into one normalised manifest table. Pure: no Ray.
 
 Every input becomes a table with the columns ``id`` (unique string), ``path`` (string),
-``audio_bytes`` (binary, set only for Hugging Face datasets that embed audio) and ``reference``
-(string or null). The manifest is read on the driver, not by Ray Data readers: the job needs
-global row numbers for its error messages and a whole-manifest duplicate-id check before any
+``dataset_row`` (the row's index in the data file ``path``, set only for Hugging Face datasets)
+and ``reference`` (string or null). The manifest is read on the driver, not by Ray Data readers:
+the job needs global row numbers for its error messages and a whole-manifest duplicate-id check before any
 work starts, and a manifest (paths and texts, not audio) fits in memory even for 10^7 rows.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,26 +22,27 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from pipeline import bundled, storage
+from pipeline import bundled, hf, storage
 from pipeline import schema as S
 from pipeline.config import InputConfig
 from pipeline.errors import ManifestError
 
 # What libsndfile reads, by extension; matched case-insensitively when listing a folder.
+_GLOB = re.compile(r"[*?[]")
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64"}
     | {"." + fmt.lower() for fmt in sf.available_formats()}
 )
-HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-HF_PREFIX = "hf:"
 
 
 def detect_format(path: str) -> str:
     """Guess the input kind from its name or folder contents (``input.format = auto``)."""
-    if path.startswith(HF_PREFIX):
+    if path.startswith(hf.PREFIX):
         return "hf"
+    if _GLOB.search(path) and not _exists(path):  # "take[2].csv" is a file's name, not a pattern
+        return "glob"
     if _is_folder(path):
-        return "hf" if any(_exists(storage.join(path, m)) for m in HF_DISK_MARKERS) else "folder"
+        return "hf" if any(_exists(storage.join(path, m)) for m in hf.SAVED_MARKERS) else "folder"
     p = Path(path)
     suffixes = [s.lower() for s in p.suffixes]
     if ".csv" in suffixes or ".tsv" in suffixes:
@@ -49,6 +51,8 @@ def detect_format(path: str) -> str:
         return "jsonl"
     if {".parquet", ".pq"} & set(suffixes):
         return "parquet"
+    if p.suffix.lower() in AUDIO_EXTENSIONS:
+        return "audio"
     if not _exists(path):
         raise ManifestError(f"--input {path}: no such file or folder")
     raise ManifestError(
@@ -80,6 +84,12 @@ def read_manifest(cfg: InputConfig) -> pa.Table:
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "folder":
         table = _list_folder(storage.absolute(path))  # absolute: workers do not share our working directory
+    elif fmt == "glob":
+        table = _list_glob(path)
+    elif fmt == "audio":
+        if not _exists(path):
+            raise ManifestError(f"--input {path}: no such file")
+        table = _files_table([(os.path.basename(path.rstrip("/")), storage.absolute(path))])
     elif fmt == "hf":
         table = _read_hf(path, cfg)
     else:
@@ -162,7 +172,7 @@ def _normalize(table: pa.Table, source: str, where) -> pa.Table:
     for i, p in enumerate(raw_paths):
         if not p:
             raise ManifestError(f"{where(i)}: the {path_col} column is empty")
-    paths = [p if os.path.isabs(p) or "://" in p else storage.normalize(storage.join(base_dir, p)) for p in raw_paths]
+    paths = [storage.beside(base_dir, p) for p in raw_paths]
     if S.ID in table.column_names:
         ids = _as_strings(table[S.ID])
         for i, v in enumerate(ids):
@@ -173,67 +183,86 @@ def _normalize(table: pa.Table, source: str, where) -> pa.Table:
         ids = [os.path.normpath(p) for p in raw_paths]
     ref_col = _pick(table, S.REFERENCE_ALIASES)
     refs = _as_strings(table[ref_col]) if ref_col else [None] * len(ids)
-    return pa.table(
-        {S.ID: ids, S.PATH: paths, S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()), S.REFERENCE: refs},
-        schema=S.MANIFEST_SCHEMA,
-    )
+    return _manifest(ids, paths, refs)
+
+
+def _manifest(ids: list[str], paths, references=None, dataset_rows=None) -> pa.Table:
+    """The manifest table of these columns; no references or dataset rows: nulls."""
+    n = len(ids)
+    return pa.table({S.ID: ids, S.PATH: paths,
+                     S.DATASET_ROW: pa.nulls(n, pa.int64()) if dataset_rows is None else dataset_rows,
+                     S.REFERENCE: pa.nulls(n, pa.string()) if references is None else references},
+                    schema=S.MANIFEST_SCHEMA)
 
 
 def _list_folder(root: str) -> pa.Table:
     """Every audio file below the folder or prefix ``root``; ids are their paths relative to it."""
-    try:
-        found = storage.list_files(root)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"--input {root}: cannot list it ({storage.reason(exc)})") from None
-    files = [(name, where) for name, where in found if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS]
+    files = [(name, where) for name, where in _listed(root) if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS]
     if not files:
         raise ManifestError(
             f"--input {root}: no audio files below it (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
         )
+    return _files_table(files)
+
+
+def _listed(root: str) -> list[tuple[str, str]]:
+    try:
+        return storage.list_files(root)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"--input {root}: cannot list it ({storage.reason(exc)})") from None
+
+
+def _list_glob(pattern: str) -> pa.Table:
+    """The files matching a glob (``*``, ``?``, ``[...]``; ``**`` crosses folders), local or in an
+    object store; ids are their paths relative to the pattern's fixed leading folder."""
+    head = pattern[: _GLOB.search(pattern).start()]
+    root = head if head.endswith("/") else storage.parent(head) if head else "."
+    root = storage.absolute(root)
+    rest = storage.absolute(pattern)[len(root):].lstrip("/")
+    regex = _glob_regex(rest)
+    files = [(name, where) for name, where in _listed(root) if regex.fullmatch(name)]
+    if not files:
+        raise ManifestError(f"--input {pattern}: no file matches it")
+    return _files_table(files)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex over ``/``-separated names (fnmatch's ``*`` would cross folders; here only
+    ``**`` does, and ``**/`` is any number of folders, none included)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _files_table(files: list[tuple[str, str]]) -> pa.Table:
+    """The manifest of ``(id, location)`` audio files, without references."""
     ids = [name for name, _ in files]
-    return pa.table(
-        {
-            S.ID: ids,
-            S.PATH: [where for _, where in files],
-            S.AUDIO_BYTES: pa.nulls(len(ids), pa.binary()),
-            S.REFERENCE: pa.nulls(len(ids), pa.string()),
-        },
-        schema=S.MANIFEST_SCHEMA,
-    )
+    return _manifest(ids, [where for _, where in files])
 
 
 def _read_hf(path: str, cfg: InputConfig) -> pa.Table:
-    import datasets  # imported here: seconds of imports that other inputs do without
-
-    if path.startswith(HF_PREFIX):
-        name = path[len(HF_PREFIX) :]
-        try:
-            ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split)
-        except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-            raise ManifestError(f"--input {path}: cannot load the dataset ({exc})") from None
-    else:
-        ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.hf_split is None and len(ds) == 1:
-            ds = next(iter(ds.values()))
-        elif cfg.hf_split in ds:
-            ds = ds[cfg.hf_split]
-        else:
-            raise ManifestError(
-                f"input.hf_split = {cfg.hf_split!r}: {path} has the splits {', '.join(ds)}; pick one"
-            )
-    if cfg.audio_column not in ds.column_names:
-        raise ManifestError(
-            f"input.audio_column = {cfg.audio_column!r}: {path} has no such column "
-            f"(its columns: {', '.join(ds.column_names)})"
-        )
-    # datasets >= 4 decodes Audio with torchcodec; take the raw bytes and decode with soundfile
-    # like every other input.
-    ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
-    table = ds.with_format("arrow")[:]
-    audio = table[cfg.audio_column].combine_chunks()
-    names = pc.struct_field(audio, "path").to_pylist()
-    data = pc.struct_field(audio, "bytes")
+    """A Hugging Face dataset's rows, each pointing at its data file and row (no audio: see
+    :mod:`pipeline.hf`)."""
+    files = hf.data_files(path, cfg.hf_split, cfg.hf_config)
+    table = hf.listed(files, cfg.audio_column, (S.ID, *S.REFERENCE_ALIASES))
+    names = table[hf.AUDIO_PATH].to_pylist()
     if S.ID in table.column_names:
         ids = _as_strings(table[S.ID])
     elif all(names) and len(set(names)) == len(names):
@@ -242,15 +271,7 @@ def _read_hf(path: str, cfg: InputConfig) -> pa.Table:
         width = len(str(len(names)))
         ids = [f"{i:0{width}d}" for i in range(len(names))]
     ref_col = _pick(table, S.REFERENCE_ALIASES)
-    return pa.table(
-        {
-            S.ID: ids,
-            S.PATH: [n or f"{path}#{i}" for i, n in enumerate(names)],
-            S.AUDIO_BYTES: data.cast(pa.binary()),
-            S.REFERENCE: _as_strings(table[ref_col]) if ref_col else pa.nulls(len(ids), pa.string()),
-        },
-        schema=S.MANIFEST_SCHEMA,
-    )
+    return _manifest(ids, table[hf.FILE], _as_strings(table[ref_col]) if ref_col else None, table[hf.ROW])
 
 
 def check_unique_ids(table: pa.Table) -> None:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pipeline import schema as S
 from pipeline import storage
 from pipeline.errors import JobError
+from pipeline.scoring import corpus_scores
 
 SHARD_PREFIX = "part-"  # output shards: part-<digest of their ids>.parquet
 SUMMARY_FILE = "_summary.json"
@@ -347,10 +348,12 @@ def read_output(output: str | os.PathLike, columns: list[str] | None = None) -> 
 
 
 def summarize(output: str, manifest: pa.Table, wall_s: float) -> dict[str, Any]:
-    """Counts and rates computed from the shards actually written, checked against ``manifest``, and
-    the precision the replicas ran in."""
+    """Counts and rates computed from the shards actually written, checked against ``manifest``, the
+    precision the replicas ran in, and the corpus scores where rows have references
+    (:func:`pipeline.scoring.corpus_scores`; null when none has)."""
     live = _live_shards(output)
-    out = _table(output, live, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES])
+    out = _table(output, live, [S.ID, S.ERROR_KIND, S.DURATION_S, S.NUM_SAMPLES, S.PADDED_SAMPLES, S.REFERENCE,
+                                S.TRANSCRIPT])
     ids_in = manifest[S.ID]
     lost = int(pc.sum(pc.invert(pc.is_in(ids_in, value_set=out[S.ID].combine_chunks()))).as_py() or 0)
     duplicated = out.num_rows - len(pc.unique(out[S.ID]))
@@ -375,4 +378,6 @@ def summarize(output: str, manifest: pa.Table, wall_s: float) -> dict[str, Any]:
         "padding_waste": (padded - real) / real if real else 0.0,
         "shards": len(footers),
         "precision": _precision_as_run(footers),
+        "scores": corpus_scores(out[S.REFERENCE].to_pylist(), out[S.TRANSCRIPT].to_pylist(),
+                                out[S.DURATION_S].to_pylist()),
     }

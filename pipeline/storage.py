@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
@@ -82,6 +83,14 @@ def normalize(location: str) -> str:
         elif part not in ("", "."):
             parts.append(part)
     return f"{scheme}://{'/'.join([bucket, *parts])}"
+
+
+def beside(folder: str, name: str) -> str:
+    """``name`` as given when absolute or a URI, else taken from ``folder`` (normalised): how a
+    file listed in a manifest or dataset names another."""
+    if os.path.isabs(name) or "://" in name:
+        return name
+    return normalize(join(folder, name))
 
 
 @functools.lru_cache(maxsize=32)
@@ -154,6 +163,24 @@ def read_bytes(location: str) -> bytes:
             return fh.read()
 
     return retried(read)
+
+
+def open_file(location: str) -> pa.NativeFile:
+    """The file or object at ``location`` opened for random access (a local file memory-mapped:
+    only the pages read are loaded). Not retried: retry the whole read with :func:`retried`."""
+    if not is_uri(location):
+        return pa.memory_map(local_path(location))
+    fs, path = resolve(location)
+    return fs.open_input_file(path)
+
+
+def open_stream(location: str) -> pa.NativeFile:
+    """The file or object at ``location`` opened to be read from start to end (an object store
+    streams it in one request; a local file is memory-mapped). Not retried, like :func:`open_file`."""
+    if not is_uri(location):
+        return pa.memory_map(local_path(location))
+    fs, path = resolve(location)
+    return fs.open_input_stream(path)
 
 
 def write(location: str, fill: Callable[[BinaryIO], object]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
@@ -18,12 +19,19 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.audio import normalize
 from pipeline.batching import plan_batches
 from pipeline.config import InferenceConfig
 from pipeline.errors import ErrorKind, Stage
 from pipeline.logs import log_to_stderr
+from pipeline.scoring import row_scores
+from pipeline.windows import Window, Windowing
 
 log = logging.getLogger(__name__)
+
+# One row's (or window's) argmax token ids and each frame's top posterior, over its own frames (and,
+# when asked for, each frame's float16 log-probabilities over the vocabulary).
+Emission = tuple[np.ndarray, ...]
 
 
 class Transcriber(Protocol):
@@ -32,8 +40,17 @@ class Transcriber(Protocol):
     min_samples: int  # shorter rows are too_short
     precision: str  # as it runs (inference.precision's auto resolved), recorded in the output's metadata
 
-    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
-        """Texts for each batch in turn, or the exception that batch raised."""
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]],
+                           logprobs: bool = False) -> Iterator[list[Emission] | Exception]:
+        """For each batch in turn, its rows' emissions over their own frames (with ``logprobs``, their
+        log-probabilities too), or the exception that batch raised. ``batches`` is consumed lazily,
+        one batch ahead."""
+
+    def decode(self, sequences: Sequence[np.ndarray]) -> list[str]:
+        """The texts of argmax token id sequences (greedy CTC)."""
+
+    def words(self, ids: np.ndarray, confidence: np.ndarray) -> list[tuple[str, int, int, float]]:
+        """One row's words: ``(word, start frame, end frame (exclusive), confidence)``."""
 
     def release_memory(self) -> None:
         """Called after each call's batches."""
@@ -41,10 +58,22 @@ class Transcriber(Protocol):
 
 class TranscribeStage:
     """Decoded rows (:data:`pipeline.schema.DECODED_SCHEMA`) → output rows (the output schema with
-    ``metadata``), one for one, in order. ``load`` builds the transcriber once, in the replica."""
+    ``metadata``), one for one, in order. ``load`` builds the transcriber once, in the replica.
+
+    A row longer than one of ``windowing``'s windows runs as windows (:mod:`pipeline.windows`),
+    each normalised on its own where ``windowing.normalize``, packed into the same batches as the
+    other rows; its kept frames are stitched in order and decoded as one sequence. A window that
+    fails alone fails its row.
+
+    Each transcribed row also gets its words (with ``words``, the column; each word's start and end
+    in seconds and its confidence: the mean top posterior over its frames) and a ``confidence``: the
+    mean of its words' confidences (null without words). With ``lm``, rows get neither text nor
+    words here but their stitched log-probabilities (:data:`pipeline.schema.LOGPROBS`), for the
+    LM decoding step (:mod:`pipeline.lm`)."""
 
     def __init__(self, load: Callable[[], Transcriber], inference: InferenceConfig, model_name: str,
-                 metadata: dict, log_level: int | None = None):
+                 metadata: dict, windowing: Windowing, *, words: bool, lm: bool = False,
+                 log_level: int | None = None):
         if log_level is not None:  # in a Ray worker (see log_to_stderr)
             log_to_stderr(log_level)
         started = time.perf_counter()
@@ -53,12 +82,19 @@ class TranscribeStage:
         self.model_name = model_name
         self.max_batch_samples = inference.max_batch_samples
         self.max_padding_waste = inference.max_padding_waste
-        self.schema = S.output_schema({**metadata, "precision": self.transcriber.precision})
+        self.windowing = windowing
+        self.words, self.lm = words, lm
+        self.schema = S.output_schema({**metadata, "precision": self.transcriber.precision}, words=words)
+        if lm:
+            self.schema = S.with_logprobs(self.schema)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
         waves = S.audio_views(table[S.AUDIO])
         transcripts: list[str | None] = [None] * n
+        words: list[list[dict] | None] = [None] * n
+        confidence: list[float | None] = [None] * n
+        logprobs: list[np.ndarray | None] = [None] * n
         kinds = table[S.ERROR_KIND].to_pylist()
         errors = table[S.ERROR].to_pylist()
         stages = table[S.ERROR_STAGE].to_pylist()
@@ -68,7 +104,7 @@ class TranscribeStage:
             kinds[i], errors[i], stages[i] = kind, f"{kind}: {message}", Stage.TRANSCRIBE
 
         paths = table[S.PATH].to_pylist()
-        todo = []
+        items: list[tuple[int, Window]] = []  # what runs: whole rows, and the windows of long ones
         min_samples = self.transcriber.min_samples
         for i in range(n):
             if kinds[i] is not None:
@@ -77,11 +113,43 @@ class TranscribeStage:
                 fail(i, ErrorKind.TOO_SHORT, f"{paths[i]}: {len(waves[i])} samples after resampling, "
                      f"the model needs at least {min_samples}")
             else:
-                todo.append(i)
+                items.extend((i, w) for w in self.windowing.windows(len(waves[i])))
 
-        plan = plan_batches([len(waves[i]) for i in todo], self.max_batch_samples, self.max_padding_waste)
-        for i, text, padded_len in self._run([[todo[b] for b in batch] for batch in plan], waves, paths, fail):
-            transcripts[i], padded[i] = text, padded_len
+        def wave(k: int) -> np.ndarray:
+            i, w = items[k]
+            if w.start == 0 and w.stop == len(waves[i]):
+                return waves[i]
+            piece = waves[i][w.start:w.stop]
+            return normalize(piece) if self.windowing.normalize else piece
+
+        def fail_item(k: int, exc: Exception) -> None:
+            i = items[k][0]
+            fail(i, ErrorKind.INFERENCE_ERROR, f"{paths[i]}: {type(exc).__name__}: {exc}")
+
+        left = Counter(i for i, _ in items)  # windows still to run, per row
+        pieces: dict[int, list[tuple]] = {i: [] for i in left}  # (window start, *its emission's kept frames)
+        lengths = [w.stop - w.start for _, w in items]
+        plan = plan_batches(lengths, self.max_batch_samples, self.max_padding_waste)
+        for done in self._run(plan, wave, lengths, fail_item):
+            complete = []
+            for k, emission, padded_len in done:
+                i, w = items[k]
+                pieces[i].append((w.start, *(part[w.first:w.last] for part in emission)))
+                padded[i] = max(padded[i], padded_len)
+                left[i] -= 1
+                if left[i] == 0 and kinds[i] is None:
+                    complete.append(i)
+            # in the recording's order, whatever order the batches ran the windows in
+            stitched = [tuple(np.concatenate(part) for part in list(zip(*sorted(pieces.pop(i), key=lambda p: p[0]),
+                                                                          strict=True))[1:]) for i in complete]
+            if self.lm:  # decoded by the LM step
+                for i, emission in zip(complete, stitched, strict=True):
+                    logprobs[i] = emission[2]
+            elif complete:  # decoded while the next batch runs
+                texts = self.transcriber.decode([ids for ids, *_ in stitched])
+                for i, text, (ids, top) in zip(complete, texts, stitched, strict=True):
+                    transcripts[i] = text
+                    words[i], confidence[i] = S.word_entries(self.transcriber.words(ids, top), self.windowing.seconds)
         self.transcriber.release_memory()
 
         out = {
@@ -89,20 +157,24 @@ class TranscribeStage:
             S.ERROR_KIND: kinds, S.ERROR: errors, S.ERROR_STAGE: stages,
             S.DURATION_S: table[S.DURATION_S], S.SAMPLE_RATE: table[S.SAMPLE_RATE],
             S.NUM_CHANNELS: table[S.NUM_CHANNELS], S.REFERENCE: table[S.REFERENCE],
+            **dict(zip((S.WER, S.CER), row_scores(table[S.REFERENCE].to_pylist(), transcripts), strict=True)),
             S.MODEL: [self.model_name] * n, S.NUM_SAMPLES: table[S.NUM_SAMPLES], S.PADDED_SAMPLES: padded,
+            S.CONFIDENCE: confidence, **({S.WORDS: words} if self.words else {}),
+            **({S.LOGPROBS: S.logprobs_column(logprobs)} if self.lm else {}),
         }
         return pa.table(out, schema=self.schema)
 
-    def _run(self, batches, waves, paths, fail):
-        """Yield ``(row, text, padded length)`` for every row of ``batches``, transcribed in turn.
-        A failed batch is retried row by row, so a bad row fails alone."""
-        results = self.transcriber.transcribe_batches([waves[i] for i in rows] for rows in batches)
-        for rows, result in zip(batches, results, strict=True):
+    def _run(self, batches, wave, lengths, fail):
+        """For each batch of items in turn, yield its ``(item, emission, padded length)`` triples. A failed
+        batch is retried item by item, so a bad item fails alone (``fail(item, exception)``)."""
+        results = self.transcriber.transcribe_batches(([wave(k) for k in batch] for batch in batches),
+                                                      logprobs=self.lm)
+        for batch, result in zip(batches, results, strict=True):
             if not isinstance(result, Exception):
-                padded_len = max(len(waves[i]) for i in rows)
-                yield from ((i, text, padded_len) for i, text in zip(rows, result, strict=True))
-            elif len(rows) == 1:
-                fail(rows[0], ErrorKind.INFERENCE_ERROR, f"{paths[rows[0]]}: {type(result).__name__}: {result}")
+                padded_len = max(lengths[k] for k in batch)
+                yield [(k, ids, padded_len) for k, ids in zip(batch, result, strict=True)]
+            elif len(batch) == 1:
+                fail(batch[0], result)
             else:
-                log.warning("batch of %d rows failed (%s); retrying them one at a time", len(rows), result)
-                yield from self._run([[i] for i in rows], waves, paths, fail)
+                log.warning("batch of %d rows failed (%s); retrying them one at a time", len(batch), result)
+                yield from self._run([[k] for k in batch], wave, lengths, fail)

@@ -1,4 +1,5 @@
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def test_decode_averages_channels_and_resamples_with_soxr(tmp_path, speechlike):
     np.testing.assert_allclose(d.audio, expected, atol=1e-6)
     assert (d.sample_rate, d.num_channels) == (44_100, 2)
     assert len(d.audio) == 24_000
+    assert d.duration_s == pytest.approx(len(left) / 44_100) == pytest.approx(1.5, abs=1e-4)  # the source's
 
 
 def test_decode_from_bytes_names_the_path(tmp_path, speechlike):
@@ -80,14 +82,25 @@ def test_empty_nonfinite_and_too_long(tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16_000)
     sf.write(tmp_path / "nan.wav", np.array([0.1, np.nan, 0.2] * 200, np.float32), 16_000, subtype="FLOAT")
     sf.write(tmp_path / "long.wav", np.zeros(16_000 * 3, np.float32), 16_000)
-    for name, kind, kwargs in [
-        ("empty.wav", ErrorKind.EMPTY, {}),
-        ("nan.wav", ErrorKind.NON_FINITE, {}),
-        ("long.wav", ErrorKind.TOO_LONG, {"max_duration_s": 2.5}),
+    for name, kind, kwargs, header in [
+        ("empty.wav", ErrorKind.EMPTY, {}, (0.0, 16_000, 1)),
+        ("nan.wav", ErrorKind.NON_FINITE, {}, (600 / 16_000, 16_000, 1)),
+        ("long.wav", ErrorKind.TOO_LONG, {"max_duration_s": 2.5}, (3.0, 16_000, 1)),
     ]:
         with pytest.raises(AudioError) as err:
             decode(str(tmp_path / name), **kwargs)
         assert err.value.kind == kind, name
+        assert err.value.header == header, name  # the error row keeps what the header said
+        assert pickle.loads(pickle.dumps(err.value)).header == header
+    from pipeline.isolation import IsolatedDecoder
+
+    isolated = IsolatedDecoder("pipeline.audio:decode", timeout_s=30, max_attempts=1)
+    try:  # the header crosses the isolated decoder's pipe too
+        with pytest.raises(AudioError) as err:
+            isolated(str(tmp_path / "long.wav"), max_duration_s=2.5)
+        assert (err.value.kind, err.value.header) == (ErrorKind.TOO_LONG, (3.0, 16_000, 1))
+    finally:
+        isolated.close()
 
 
 def test_isolated_decoder_survives_crashes_and_hangs(tmp_path, speechlike):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -66,9 +68,11 @@ def test_joins_a_cluster_with_address(ray_cluster, layer_model, tmp_path):
 def test_demo_config_transcribes_the_heldout_clips_offline(tmp_path):
     """The README's run command: bundled model, bundled clips, Ray in-process, no download."""
     out = tmp_path / "demo"
-    proc = transcribe("--config", "configs/demo.yaml", "--output", str(out))
+    proc = transcribe("--config", "configs/demo.yaml", "--output", str(out), "--set", "ray.progress_every_s=0.5")
     assert proc.returncode == 0, proc.stderr
-    assert "Started a local Ray instance" in proc.stderr  # progress is visible while it runs
+    assert "Started a local Ray instance" in proc.stderr
+    # progress is visible while it runs, one line at a time
+    assert re.search(r"progress: \d+ of 40 rows \(\d+%\), [\d.]+ h of audio, \d+ audio s/s, ETA ", proc.stderr)
     table = read_output(out)
     assert table.num_rows == 40 and table[S.ERROR].null_count == 40
     assert set(table[S.MODEL].to_pylist()) == {"@demo"}
@@ -123,3 +127,41 @@ def test_a_run_where_every_row_failed_exits_1_after_committing_and_again_on_reru
             f"transcribe: error: 2 of 2 rows are error rows (not_found 2), at least output.max_error_fraction = 1 "
             f"of them; the output is committed in {tmp_path / 'out'} (see _summary.json)")
     assert (tmp_path / "out" / "_manifest.json").exists()
+
+
+@pytest.mark.parametrize("offline, reason", [
+    (None, "http://127.0.0.1:9 is unreachable (Connection refused); run once where the hub is reachable, or pass "
+           "--model DIR (a local checkpoint folder)"),
+    ("1", "HF_HUB_OFFLINE is set; download it once with network, or pass --model DIR"),
+])
+def test_a_hub_model_neither_cached_nor_reachable_fails_at_once(tmp_path, monkeypatch, offline, reason):
+    """Instead of the hub client's minute of retries: one line, within seconds."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    if offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    started = time.monotonic()
+    proc = transcribe("--input", "@sample", "--output", str(tmp_path / "out"), "--model", "nobody/nothing",
+                      timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 30
+    assert proc.stderr.strip().splitlines() == [
+        f"transcribe: error: model.name = 'nobody/nothing': not in the local Hugging Face cache, and {reason}"]
+
+
+@pytest.mark.integration
+def test_quiet_prints_warnings_and_the_summary_only(tmp_path):
+    """--quiet: no INFO lines (Ray's, Ray Data's, the job's), no progress, no "Loading weights" bars
+    from the replicas, no notice of token authentication. (Ray's C++ core still prints one line on
+    the replicas' constructor arguments: ray-project/ray#53727.)"""
+    proc = transcribe("--input", "@sample", "--output", str(tmp_path / "out"), "--model", "@demo", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rows_out"] == 6
+    assert not re.search(r"\bINFO\b", proc.stderr), proc.stderr
+    for noise in ("Loading weights", "Token authentication", "Progress bars disabled", "progress:"):
+        assert noise not in proc.stderr, noise
+    assert len(proc.stderr.strip().splitlines()) <= 1, proc.stderr
+    again = transcribe("--input", "@sample", "--output", str(tmp_path / "out"), "--model", "@demo", "-q")
+    assert again.returncode == 0 and json.loads(again.stdout)["already_complete"] is True  # not a new run's
+    assert "already holds the finished result of this job (6 rows); nothing to do" in again.stderr

@@ -16,9 +16,10 @@ import soundfile as sf
 from helpers import write_tone_clips
 
 from pipeline import schema as S
-from pipeline.config import load_config
+from pipeline.config import InputConfig, load_config
 from pipeline.engine import build_dataset, plan, run_job, sized_config
 from pipeline.errors import ErrorKind, JobError, Stage
+from pipeline.manifest import read_manifest
 from pipeline.model.reference import Reference
 from pipeline.output import SUMMARY_FILE, read_output
 
@@ -169,13 +170,19 @@ def test_input_kinds_and_manifest_formats_agree(ray_cluster, corpus, layer_model
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio_filepath": p}) + "\n" for p in paths))
     pq.write_table(pa.table({"id": manifest["id"], "file": paths}), tmp_path / "m.parquet")
     hf = datasets.Dataset.from_dict({"id": manifest["id"].to_pylist(), "audio": paths})
-    hf.cast_column("audio", datasets.Audio(decode=False)).save_to_disk(tmp_path / "hf")
+    hf = hf.cast_column("audio", datasets.Audio(decode=False))
+    hf.save_to_disk(tmp_path / "hf", num_shards=3)  # Arrow files with the audio embedded
+    (tmp_path / "repo").mkdir()
+    hf.to_parquet(tmp_path / "repo" / "test.parquet", batch_size=4)  # Parquet naming the audio files
+    listed = read_manifest(InputConfig(path=str(tmp_path / "hf")))
+    assert listed.nbytes * 20 < sum(Path(p).stat().st_size for p in paths)  # the driver holds no audio
 
     def stem(k):
         return Path(k).stem
 
     for name, source in [("jsonl", tmp_path / "m.jsonl"), ("parquet", tmp_path / "m.parquet"),
-                         ("hf", tmp_path / "hf"), ("folder", corpus.parent / "clips")]:
+                         ("hf", tmp_path / "hf"), ("hf-repo", f"hf:{tmp_path / 'repo'}"),
+                         ("folder", corpus.parent / "clips")]:
         out = tmp_path / f"out-{name}"
         summary = run(ray_cluster, source, out, layer_model)
         got = {stem(k): r[S.TRANSCRIPT] for k, r in by_id(out).items() if stem(k).startswith("clip")}

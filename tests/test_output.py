@@ -23,12 +23,15 @@ def _rows(ids: list[str]) -> pa.Table:
     return pa.table({S.ID: ids, S.PATH: [f"/c/{i}.flac" for i in ids], S.TRANSCRIPT: [f"t {i}" for i in ids],
                      S.ERROR_KIND: [None] * n, S.ERROR: [None] * n, S.ERROR_STAGE: [None] * n,
                      S.DURATION_S: [1.5] * n, S.SAMPLE_RATE: [16_000] * n, S.NUM_CHANNELS: [1] * n,
-                     S.REFERENCE: [None] * n, S.MODEL: ["m"] * n, S.NUM_SAMPLES: [24_000] * n,
-                     S.PADDED_SAMPLES: [24_000] * n}, schema=S.OUTPUT_SCHEMA)
+                     S.REFERENCE: [None] * n, S.WER: [None] * n, S.CER: [None] * n, S.MODEL: ["m"] * n,
+                     S.NUM_SAMPLES: [24_000] * n,
+                     S.PADDED_SAMPLES: [24_000] * n, S.CONFIDENCE: [0.9] * n,
+                     S.WORDS: [[{"word": "t", "start_s": 0.1, "end_s": 0.3, "confidence": 0.9}]] * n},
+                    schema=S.OUTPUT_SCHEMA)
 
 
 def _manifest(ids: list[str]) -> pa.Table:
-    return pa.table({S.ID: ids, S.PATH: [f"/c/{i}.flac" for i in ids], S.AUDIO_BYTES: [None] * len(ids),
+    return pa.table({S.ID: ids, S.PATH: [f"/c/{i}.flac" for i in ids], S.DATASET_ROW: [None] * len(ids),
                      S.REFERENCE: [None] * len(ids)}, schema=S.MANIFEST_SCHEMA)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 from faulty_decoder import CRASH_MARKER, FUNCTION
 
@@ -22,10 +24,12 @@ from pipeline.model.reference import Reference
 from pipeline.model.spec import FrontEnd, ModelSpec
 from pipeline.model.transcriber import CTCTranscriber
 from pipeline.transcribe import TranscribeStage
+from pipeline.windows import Windowing
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
 BAD_START, BAD_FINISH = 30_000, 8_500  # rows whose (two-row) batch fails when started / when finished
 METADATA = {"model": "m"}
+WINDOWING = Windowing.of(40.0, (4.0, 4.0), 16_000, 320)  # the defaults: every row above runs whole
 
 
 def _decoded_table(waves: list[np.ndarray]) -> pa.Table:
@@ -58,11 +62,18 @@ class LengthTranscriber:
         self.batches: list[list[int]] = []
         self.released = 0
 
-    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]):
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]], logprobs: bool = False):
         for waves in batches:
             lengths = [len(w) for w in waves]
             self.batches.append(lengths)
-            yield ValueError(f"bad batch {lengths}") if self.bad & set(lengths) else [f"n{n}" for n in lengths]
+            yield (ValueError(f"bad batch {lengths}") if self.bad & set(lengths)
+                   else [(np.array([n]), np.array([0.5], np.float32)) for n in lengths])
+
+    def decode(self, sequences):
+        return [f"n{'+'.join(map(str, s))}" for s in sequences]
+
+    def words(self, ids, confidence):
+        return [(f"n{ids[0]}", 0, 1, float(confidence[0]))]
 
     def release_memory(self) -> None:
         self.released += 1
@@ -75,7 +86,7 @@ def test_transcribe_stage_plans_batches_and_a_failing_row_fails_alone(caplog):
                              pa.array([*[None] * 8, "decode_error"], pa.string()))
     fake = LengthTranscriber(bad=[BAD_START, BAD_FINISH])
     inference = InferenceConfig(max_batch_samples=100_000)
-    stage = TranscribeStage(lambda: fake, inference, "m", METADATA)
+    stage = TranscribeStage(lambda: fake, inference, "m", METADATA, WINDOWING, words=True)
     out = stage(_chunked(table)).to_pylist()
 
     assert [r[S.ID] for r in out] == [f"u{i}" for i in range(len(LENGTHS))]
@@ -91,6 +102,8 @@ def test_transcribe_stage_plans_batches_and_a_failing_row_fails_alone(caplog):
             assert row[S.ERROR] == f"inference_error: {row[S.PATH]}: ValueError: bad batch [{n}]"
         else:
             assert row[S.ERROR_KIND] is None and row[S.TRANSCRIPT] == f"n{n}" and row[S.PADDED_SAMPLES] >= n
+            assert row[S.WORDS] == [{"word": f"n{n}", "start_s": 0.0, "end_s": pytest.approx(0.02), "confidence": 0.5}]
+            assert row[S.CONFIDENCE] == 0.5
         assert row[S.MODEL] == "m" and row[S.NUM_SAMPLES] == n
     # The call's batches as planned (longest first, under the budget), a failed one retried row by row.
     todo = [n for n in LENGTHS if n not in (300, 2_000)]
@@ -105,6 +118,60 @@ def test_transcribe_stage_plans_batches_and_a_failing_row_fails_alone(caplog):
     assert fake.released == 1
 
 
+class FrameTranscriber:
+    """A stand-in replica whose "token" for each output frame is the frame's first sample, so a row
+    of ``arange(n) // 320`` gives each frame's index in its recording; batches holding a sample
+    value in ``bad`` fail."""
+
+    min_samples = 400
+    precision = "fp32"
+
+    def __init__(self, bad: Sequence[int] = ()):
+        self.bad, self.batches = set(bad), []
+
+    def transcribe_batches(self, batches, logprobs: bool = False):
+        for waves in batches:
+            self.batches.append(sorted(len(w) for w in waves))
+            if any(self.bad & set(w[::320].astype(int).tolist()) for w in waves):
+                yield RuntimeError("injected")
+            else:
+                ids = [w[::320][: (len(w) - 400) // 320 + 1].astype(np.int64) for w in waves]
+                yield [(i, np.full(len(i), 0.25, np.float32)) for i in ids]
+
+    def decode(self, sequences):
+        return [" ".join(map(str, s)) for s in sequences]
+
+    def words(self, ids, confidence):
+        """A "word" every 100 frames, named by its first frame."""
+        return [(str(ids[a]), a, min(a + 100, len(ids)), float(confidence[a])) for a in range(0, len(ids), 100)]
+
+    def release_memory(self) -> None:
+        pass
+
+
+def test_long_rows_run_as_windows_in_shared_batches_and_are_stitched_in_order():
+    """Two long rows and a short one: the windows of both long rows and the short row share padded
+    batches; each long row's kept frames come back once each, in order; a window that fails alone
+    fails its row only."""
+    hop, windowing = 320, Windowing.of(10.0, (2.0, 2.0), 16_000, 320, normalize=False)
+    lengths = [16_000 * 61 + 5, 40_000, 16_000 * 25]
+    offsets = [0, 0, 10_000]  # the third row's "tokens" differ from the others'
+    waves = [(np.arange(n) // hop + o).astype(np.float32) for n, o in zip(lengths, offsets, strict=True)]
+    fake = FrameTranscriber(bad=[10_000 + 16_000 * 20 // hop])  # a frame in the third row's last window
+    stage = TranscribeStage(lambda: fake, InferenceConfig(max_batch_samples=700_000), "m", METADATA, windowing,
+                            words=False)
+    out = stage(_decoded_table(waves)).to_pylist()
+    frames = [list(map(int, r[S.TRANSCRIPT].split())) if r[S.TRANSCRIPT] else None for r in out]
+    assert frames[0] == list(range(len(frames[0]))) and len(frames[0]) >= (lengths[0] - 400) // hop
+    assert frames[1] == list(range((40_000 - 400) // hop + 1))  # whole: every frame of it
+    assert out[2][S.ERROR_KIND] == ErrorKind.INFERENCE_ERROR and "RuntimeError: injected" in out[2][S.ERROR]
+    windows = [len(windowing.windows(n)) for n in lengths]
+    assert windows == [10, 1, 4]
+    assert max(len(b) for b in fake.batches) > 1 and sum(map(len, fake.batches)) > sum(windows)  # retried alone
+    assert out[0][S.PADDED_SAMPLES] == windowing.length and out[0][S.NUM_SAMPLES] == lengths[0]
+    assert S.WORDS not in out[0] and out[0][S.CONFIDENCE] == 0.25 and out[2][S.CONFIDENCE] is None
+
+
 def test_the_audio_column_is_read_in_place():
     """The stage reads each row as a view of its chunk's buffer: no sample is copied."""
     rng = np.random.default_rng(0)
@@ -115,8 +182,8 @@ def test_the_audio_column_is_read_in_place():
     assert all(np.array_equal(v, w) and np.shares_memory(v, b) for v, w, b in zip(views, waves, buffers, strict=True))
 
 
-def _manifest(rows: list[tuple[str, str, bytes | None]]) -> pa.Table:
-    return pa.table({S.ID: [r[0] for r in rows], S.PATH: [r[1] for r in rows], S.AUDIO_BYTES: [r[2] for r in rows],
+def _manifest(rows: list[tuple[str, str, int | None]]) -> pa.Table:
+    return pa.table({S.ID: [r[0] for r in rows], S.PATH: [r[1] for r in rows], S.DATASET_ROW: [r[2] for r in rows],
                      S.REFERENCE: [None] * len(rows)}, schema=S.MANIFEST_SCHEMA)
 
 
@@ -127,22 +194,34 @@ def test_decode_stage_decodes_each_row_or_names_its_error(tmp_path):
     sf.write(corpus / "a.wav", wave, rate)
     (corpus / f"{CRASH_MARKER}.wav").write_bytes((corpus / "a.wav").read_bytes())
     sf.write(tmp_path / "outside.wav", wave, rate)
-    table = _manifest([("a", str(corpus / "a.wav"), None), ("bytes", "mem.wav", (corpus / "a.wav").read_bytes()),
+    # A Hugging Face data file: its rows' audio is read by the stage, one row group per row here.
+    audio = [{"bytes": b"not audio", "path": "x.wav"}, {"bytes": (corpus / "a.wav").read_bytes(), "path": "a.wav"},
+             {"bytes": None, "path": "a.wav"}]  # a row that names its file (beside the data file) holds no bytes
+    pq.write_table(pa.table({"audio": audio}), corpus / "train.parquet", row_group_size=1)
+    table = _manifest([("a", str(corpus / "a.wav"), None), ("row", str(corpus / "train.parquet"), 1),
+                       ("named", str(corpus / "train.parquet"), 2),
                        ("missing", str(corpus / "b.wav"), None), ("outside", str(tmp_path / "outside.wav"), None),
-                       ("crash", str(corpus / f"{CRASH_MARKER}.wav"), None)])
+                       ("crash", str(corpus / f"{CRASH_MARKER}.wav"), None),
+                       ("bad-row", str(corpus / "train.parquet"), 0),
+                       ("no-row", str(corpus / "train.parquet"), 7), ("no-file", str(corpus / "gone.parquet"), 0)])
     stage = DecodeStage(FrontEnd(16_000, True), InputConfig(allowed_roots=[str(corpus)]), AudioConfig(),
-                        DecodeConfig(function=FUNCTION, max_attempts=1))
+                        DecodeConfig(function=FUNCTION, max_attempts=1), whole_samples=16_000)
     out = stage(table)
     assert out.schema == S.DECODED_SCHEMA
     rows = {r[S.ID]: r for r in out.to_pylist()}
     expected = decode(str(corpus / "a.wav")).audio
-    for row_id in ("a", "bytes"):
+    for row_id in ("a", "row", "named"):
         assert np.array_equal(np.asarray(rows[row_id][S.AUDIO], np.float32), expected)
         assert (rows[row_id][S.SAMPLE_RATE], rows[row_id][S.NUM_SAMPLES], rows[row_id][S.ERROR]) == (rate, 16_000, None)
     errors = [(rows[i][S.ERROR_KIND], rows[i][S.ERROR_STAGE], rows[i][S.NUM_SAMPLES])
-              for i in ("missing", "outside", "crash")]
-    assert errors == [("not_found", "decode", 0), ("not_allowed", "decode", 0), ("worker_crash", "decode", 0)]
+              for i in ("missing", "outside", "crash", "bad-row", "no-row", "no-file")]
+    assert errors == [("not_found", "decode", 0), ("not_allowed", "decode", 0), ("worker_crash", "decode", 0),
+                      ("decode_error", "decode", 0), ("not_found", "decode", 0), ("not_found", "decode", 0)]
     assert rows["outside"][S.ERROR].startswith(f"not_allowed: {tmp_path / 'outside.wav'}: resolves to")
+    assert rows["bad-row"][S.ERROR].startswith(f"decode_error: {corpus / 'train.parquet'} row 0: libsndfile")
+    assert "Format not recognised" in rows["bad-row"][S.ERROR] and "<_io." not in rows["bad-row"][S.ERROR]
+    assert rows["no-row"][S.ERROR].startswith(f"not_found: {corpus / 'train.parquet'} row 7: no such row")
+    assert rows["no-file"][S.ERROR] == f"not_found: {corpus / 'gone.parquet'}: no such file"
 
 
 class StartsAheadTranscriber(CTCTranscriber):
@@ -153,11 +232,11 @@ class StartsAheadTranscriber(CTCTranscriber):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def start(self, waves):
+    def start(self, waves, logprobs=False):
         self.calls.append(("start", sorted(len(w) for w in waves)))
         if BAD_START in [len(w) for w in waves]:
             raise RuntimeError("CUDA out of memory (injected)")
-        return super().start(waves)
+        return super().start(waves, logprobs)
 
     def finish(self, started):
         self.calls.append(("finish", len(started.frames)))
@@ -174,7 +253,8 @@ def test_the_real_model_code_starts_batches_ahead_and_a_failing_row_fails_alone(
     rng = np.random.default_rng(0)
     waves = [normalize(rng.standard_normal(n).astype(np.float32)) for n in LENGTHS]
     transcriber = StartsAheadTranscriber(ModelSpec(str(group_model)), device="cpu", precision="fp32")
-    stage = TranscribeStage(lambda: transcriber, InferenceConfig(max_batch_samples=100_000), "m", METADATA)
+    stage = TranscribeStage(lambda: transcriber, InferenceConfig(max_batch_samples=100_000), "m", METADATA,
+                            WINDOWING, words=True)
     out = stage(_chunked(_decoded_table(waves))).to_pylist()
 
     ref = Reference.from_pretrained(group_model)
@@ -200,10 +280,10 @@ def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):
     A fresh interpreter, as a Ray worker is."""
     code = ("import logging; from pipeline.config import InferenceConfig; "
             "from pipeline.model.spec import ModelSpec, TranscriberLoader; "
-            "from pipeline.transcribe import TranscribeStage; "
+            "from pipeline.transcribe import TranscribeStage; from pipeline.windows import Windowing; "
             f"TranscribeStage(TranscriberLoader(ModelSpec({str(group_model)!r}), "
             "InferenceConfig(device='cpu', precision='fp32'), 1), "
-            "InferenceConfig(), 'm', {}, log_level=logging.INFO)")
+            "InferenceConfig(), 'm', {}, Windowing.of(40, (5, 5), 16000, 320), words=True, log_level=logging.INFO)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent, check=True)
     assert re.search(r"INFO pipeline\.model\.spec: torch and transformers imported in [\d.]+ s", run.stderr)

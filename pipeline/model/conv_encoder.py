@@ -22,7 +22,7 @@ products (its windows are copied, a block at a time).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -34,14 +34,6 @@ def conv_output_frames(samples: int | torch.Tensor, kernel: int, stride: int) ->
     the kernel): an int for an int, a tensor for an integer tensor."""
     frames = (samples - kernel) // stride + 1
     return frames.clamp(min=0) if isinstance(frames, torch.Tensor) else max(0, frames)
-
-
-def receptive_field(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> int:
-    """Fewest input samples that give one output frame of a conv stack."""
-    field = 1
-    for kernel, stride in zip(reversed(conv_kernel), reversed(conv_stride), strict=True):
-        field = (field - 1) * stride + kernel
-    return field
 
 
 class UnsupportedEncoder(ValueError):

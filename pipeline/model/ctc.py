@@ -27,6 +27,49 @@ class GreedyCTCDecoder:
             tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
             self.canonical = np.array([first.setdefault(token, i) for i, token in enumerate(tokens)])
             self.blank = first.get(tokenizer.pad_token, -1)
+            # What each token reads as in a word, the word delimiter as the tokenizer replaces it.
+            delimiter = getattr(tokenizer, "word_delimiter_token", None)
+            self.chars = [tokenizer.replace_word_delimiter_char if t == delimiter else t for t in tokens]
+            self.space = tokenizer.replace_word_delimiter_char
+
+    def words(self, ids: np.ndarray, confidence: np.ndarray) -> list[tuple[str, int, int, float]]:
+        """The words of one row's argmax ids, as ``tokenizer.decode(ids, output_word_offsets=True)``
+        gives them: ``(word, start frame, end frame (exclusive), confidence)``, the confidence the
+        mean over the word's frames of ``confidence`` (each frame's top posterior)."""
+        if self.canonical is None or len(ids) == 0 or ids.max() >= len(self.canonical):
+            return self._tokenizer_words(ids, confidence)
+        token = self.canonical[ids]
+        ends = np.append(np.flatnonzero(token[1:] != token[:-1]) + 1, len(token))  # runs of one token
+        starts = np.append(0, ends[:-1])
+        keep = token[starts] != self.blank
+        words, current, first, last = [], "", 0, 0
+        for tok, start, end in zip(token[starts[keep]].tolist(), starts[keep].tolist(), ends[keep].tolist(),
+                                   strict=True):
+            char = self.chars[tok]
+            if char == self.space:
+                if current:
+                    words.append((current, first, last))
+                current = ""
+            else:
+                if not current:
+                    first = start
+                current, last = current + char, end
+        if current:
+            words.append((current, first, last))
+        return [(w, a, b, float(confidence[a:b].mean())) for w, a, b in words]
+
+    def _tokenizer_words(self, ids: np.ndarray, confidence: np.ndarray) -> list[tuple[str, int, int, float]]:
+        offsets = self.tokenizer.decode(ids.tolist(), output_word_offsets=True).get("word_offsets") or []
+        return [(o["word"], o["start_offset"], o["end_offset"],
+                 float(confidence[o["start_offset"]:o["end_offset"]].mean())) for o in offsets]
+
+    def decode_sequences(self, sequences: Sequence[np.ndarray]) -> list[str]:
+        """The texts of 1-D id sequences of any lengths."""
+        frames = [len(s) for s in sequences]
+        ids = np.zeros((len(sequences), max(frames, default=0)), dtype=np.int64)
+        for row, sequence in zip(ids, sequences, strict=True):
+            row[: len(sequence)] = sequence
+        return self(ids, frames)
 
     def __call__(self, ids: np.ndarray, frames: Sequence[int]) -> list[str]:
         """``ids`` ``(rows, T)``; each row's first ``frames[row]`` are its own."""

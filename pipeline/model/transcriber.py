@@ -8,6 +8,7 @@ decodes it greedily (:class:`~pipeline.model.ctc.GreedyCTCDecoder`), exactly as 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -19,7 +20,6 @@ from torch.nn.attention import sdpa_kernel
 
 from pipeline.config import InferenceConfig
 from pipeline.memory import release_free_heap
-from pipeline.model.conv_encoder import receptive_field
 from pipeline.model.ctc import GreedyCTCDecoder
 from pipeline.model.invariance import (
     CONV_ENCODERS,
@@ -41,19 +41,24 @@ from pipeline.model.loading import (
     resolve_device,
     resolve_precision,
 )
-from pipeline.model.spec import ModelSpec
+from pipeline.model.spec import ModelSpec, receptive_field
 
 log = logging.getLogger(__name__)
+
+# One row's argmax ids and each frame's top posterior (and, when asked for, its log-probabilities).
+Emission = tuple[np.ndarray, ...]
 
 _DEFAULTS = InferenceConfig()  # the config's defaults are the transcriber's
 
 
 @dataclass(frozen=True)
 class Started:
-    """A batch :meth:`CTCTranscriber.start` queued: its argmax ids (on the host once ``done``, a
-    CUDA event, has passed; ``None`` on a CPU) and each row's valid frames."""
+    """A batch :meth:`CTCTranscriber.start` queued: its argmax ids and each frame's top posterior
+    (on the host once ``done``, a CUDA event, has passed; ``None`` on a CPU) and each row's valid frames."""
 
     ids: torch.Tensor
+    confidence: torch.Tensor
+    logprobs: torch.Tensor | None  # float16, when asked for (an LM decodes them)
     frames: list[int]
     done: torch.cuda.Event | None
 
@@ -182,25 +187,36 @@ class CTCTranscriber:
 
         Each row's predictions are cut to its own frames, so padding never adds characters.
         """
-        return self.finish(self.start(waves))
+        return self.decode([ids for ids, _ in self.finish(self.start(waves))])
 
-    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[list[str] | Exception]:
-        """:meth:`transcribe` each batch in turn, starting each before finishing the one ahead of it
-        (:meth:`start`, :meth:`finish`): on a GPU the host decodes one batch and pads the next while
-        the GPU runs. A batch that fails yields its exception instead of texts, and the rest go on."""
+    def decode(self, sequences: Sequence[np.ndarray]) -> list[str]:
+        """Greedy CTC texts of argmax id sequences (rows' own frames, or a long row's windows stitched)."""
+        return self.decoder.decode_sequences(sequences)
+
+    def words(self, ids: np.ndarray, confidence: np.ndarray) -> list[tuple[str, int, int, float]]:
+        """One row's words from its argmax ids and frames' top posteriors: ``(word, start frame, end
+        frame, confidence)``, as the tokenizer's ``output_word_offsets`` (:meth:`GreedyCTCDecoder.words`)."""
+        return self.decoder.words(ids, confidence)
+
+    def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]],
+                           logprobs: bool = False) -> Iterator[list[Emission] | Exception]:
+        """Each batch's rows' emissions (:meth:`finish`; with ``logprobs``, log-probabilities too) in
+        turn, starting each batch before finishing the one ahead of it (:meth:`start`): on a GPU the
+        host takes one batch's ids and pads the next while the GPU runs. ``batches`` is read one
+        ahead. A batch that fails yields its exception instead, and the rest go on."""
         pending = None
-        for waves in [*batches, None]:
+        for waves in itertools.chain(batches, [None]):
             started = None
             if waves is not None:
                 try:
-                    started = self.start(waves)
+                    started = self.start(waves, logprobs)
                 except Exception as exc:  # noqa: BLE001 - the caller decides, in this batch's turn
                     started = exc.with_traceback(None)  # its frames would keep the batch's tensors alive
             if pending is not None:
                 yield self._finish_or_error(pending)
             pending = started
 
-    def _finish_or_error(self, started: Started | Exception) -> list[str] | Exception:
+    def _finish_or_error(self, started: Started | Exception) -> list[Emission] | Exception:
         if isinstance(started, Exception):
             return started
         try:
@@ -208,29 +224,33 @@ class CTCTranscriber:
         except Exception as exc:  # noqa: BLE001 - as in transcribe_batches
             return exc.with_traceback(None)
 
-    def start(self, waves: Sequence[np.ndarray]) -> Started:
+    def start(self, waves: Sequence[np.ndarray], logprobs: bool = False) -> Started:
         """The first half of :meth:`transcribe`: pad the batch, queue its forward pass and argmax,
         and the argmax's copy to the host. On a GPU this returns while they run, so the host can
         decode the batch before (:meth:`finish`) and pad the next one meanwhile; on a CPU they
         have run when it returns."""
-        ids = self.logits(waves).argmax(dim=-1)
+        logits = self.logits(waves)
+        top = logits.max(dim=-1)
+        # The top posterior from the logits (softmax's max): ids stay the logits' own argmax.
+        ids, confidence = top.indices, torch.exp(top.values - logits.logsumexp(dim=-1))
+        # float16 log-probabilities: a quarter of fp32 logits' bytes, and the beam's result is the same
+        lp = logits.log_softmax(dim=-1).half() if logprobs else None
         frames = self.frames([len(w) for w in waves])
         if self.device.type != "cuda":
-            return Started(ids, frames, None)
-        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        host.copy_(ids, non_blocking=True)
+            return Started(ids, confidence, lp, frames, None)
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (ids, confidence, lp)]
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
-        return Started(host, frames, done)
+        return Started(*host, frames, done)
 
-    def finish(self, started: Started) -> list[str]:
-        """The second half of :meth:`transcribe`: wait for the batch's ids, greedy-decode each row."""
+    def finish(self, started: Started) -> list[Emission]:
+        """The second half of :meth:`transcribe`: wait for the batch; each row's argmax ids and top
+        posteriors over its own frames."""
         if started.done is not None:
             started.done.synchronize()
-        texts = self.decoder(started.ids.numpy(), started.frames)
-        if len(texts) != len(started.frames):
-            raise RuntimeError(f"decoded {len(texts)} texts for a batch of {len(started.frames)} rows")
-        return texts
+        parts = [t.numpy() for t in (started.ids, started.confidence, started.logprobs) if t is not None]
+        return [tuple(p[row, :n] for p in parts) for row, n in enumerate(started.frames)]
 
     def release_memory(self) -> None:
         """Between calls: a CPU replica gives its heap's free pages back, since its allocator
