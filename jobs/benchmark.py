@@ -125,6 +125,14 @@ def base_model_folder(folder: Path, model: str | None) -> str:
     return str(folder)
 
 
+def record_steady(seconds: dict[str, list[float]], name: str, summary: dict, audio_s: float) -> None:
+    """The job's steady state, from its replicas' own timestamps (first batch start to last batch
+    end: ``summary["replicas"]``), as seconds for the whole corpus like the other paths."""
+    steady = summary.get("replicas", {}).get("steady_audio_s_per_s")
+    if steady:
+        seconds.setdefault(name, []).append(audio_s / steady)
+
+
 def timed(fn: Callable[[], object]) -> float:
     gc.collect()  # the earlier paths' garbage, collected before the clock starts, not during the run
     start = time.perf_counter()
@@ -464,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         inference = job_cfg.inference
         seconds: dict[str, list[float]] = {}
         decode_s: dict[str, list[float]] = {}
-        summaries = []
+        summaries, stand_in_summaries = [], []
         flops = None
         for _ in range(args.repeats):
             if "seed" not in args.skip:
@@ -499,10 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
                 summaries.append(summary)
                 seconds.setdefault("job", []).append(summary["wall_s"])
                 seconds.setdefault("job-run", []).append(summary["phases_s"]["run"])
+                record_steady(seconds, "job-steady", summary, audio_s)
             if args.stand_in:
                 stand_in_job = run_job(job_cfg, load=StandInLoader(args.stand_in))
                 seconds.setdefault("job-stand-in", []).append(stand_in_job["wall_s"])
                 seconds.setdefault("job-stand-in-run", []).append(stand_in_job["phases_s"]["run"])
+                record_steady(seconds, "job-stand-in-steady", stand_in_job, audio_s)
+                stand_in_summaries.append(stand_in_job)
             if args.decode_ceiling:
                 seconds.setdefault("decode-plain", []).append(decode_plain(paths, args.threads))
                 record(seconds, "decode-job", decode_on_ray(job_cfg))
@@ -521,12 +532,14 @@ def main(argv: list[str] | None = None) -> dict:
             sweep[budget] = audio_s / statistics.median(alone)
 
     speed = {name: audio_s / statistics.median(s) for name, s in seconds.items()}
-    jobs = [name for name in ("job", "job-run", "job-marginal") if name in speed]
+    jobs = [name for name in ("job", "job-run", "job-steady", "job-marginal") if name in speed]
     # Measures of the job's machinery, each against its own ceiling (below), not against the model paths.
-    apart = ("stand-in", "job-stand-in", "job-stand-in-run", "decode-plain", "decode-job", "decode-job-again")
+    apart = ("stand-in", "job-stand-in", "job-stand-in-run", "job-stand-in-steady", "decode-plain", "decode-job",
+             "decode-job-again")
     ratios = {f"{path}/{name}": speed[path] / speed[name] for path in jobs for name in speed
               if name not in (*jobs, *apart)}
     for path, ceiling in [("job-stand-in", "stand-in"), ("job-stand-in-run", "stand-in"),
+                          ("job-stand-in-steady", "stand-in"),
                           ("decode-job", "decode-plain"), ("decode-job-again", "decode-plain")]:
         if path in speed:
             ratios[f"{path}/{ceiling}"] = speed[path] / speed[ceiling]
@@ -563,6 +576,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["job_phases_s"] = {k: round(statistics.median(s["phases_s"][k] for s in summaries), 2)
                                   for k in summaries[0]["phases_s"]}
         print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
+    for name, runs in [("job", summaries), ("job-stand-in", stand_in_summaries)]:
+        if runs and runs[0].get("replicas"):
+            result[f"{name}_replicas"] = timing = {k: statistics.median(r["replicas"][k] for r in runs)
+                                                   for k in ("first_batch_s", "last_batch_s", "busy_fraction")}
+            print(f"{name}: first batch {timing['first_batch_s']:.2f} s after the command started, last batch "
+                  f"ended at {timing['last_batch_s']:.2f} s; the replicas busy {timing['busy_fraction']:.1%} "
+                  "of the time between")
     if args.job_marginal and summaries:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)

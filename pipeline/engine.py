@@ -48,7 +48,7 @@ from pipeline.model.spec import (
     load_front_end,
 )
 from pipeline.output import ShardWriter, State
-from pipeline.transcribe import Transcriber, TranscribeStage
+from pipeline.transcribe import CallSpan, ReplicaStart, Transcriber, TranscribeStage, replica_timing
 from pipeline.windows import Windowing
 
 log = logging.getLogger(__name__)
@@ -332,17 +332,28 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False,
 
 @ray.remote(num_cpus=0)
 class Tally:
-    """Rows and audio seconds transcribed so far (the progress line's source)."""
+    """Rows and audio seconds transcribed so far (the progress line's source), and each replica's
+    call spans (the summary's ``replicas``: :func:`pipeline.transcribe.replica_timing`)."""
 
     def __init__(self):
         self.rows, self.audio_s = 0, 0.0
+        self.spans: dict[str, list[CallSpan]] = {}
+        self.starts: dict[str, ReplicaStart] = {}
 
-    def add(self, rows: int, audio_s: float) -> None:
+    def started(self, replica: str, start: ReplicaStart) -> None:
+        self.starts[replica] = start
+
+    def add(self, rows: int, audio_s: float, replica: str = "", span: CallSpan | None = None) -> None:
         self.rows += rows
         self.audio_s += audio_s
+        if span is not None:
+            self.spans.setdefault(replica, []).append(span)
 
     def totals(self) -> tuple[int, float]:
         return self.rows, self.audio_s
+
+    def timing(self, since: float) -> dict[str, Any]:
+        return replica_timing(self.spans, since, self.starts)
 
 
 class CountedTranscribeStage(TranscribeStage):
@@ -352,10 +363,14 @@ class CountedTranscribeStage(TranscribeStage):
     def __init__(self, tally: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self.tally = tally
+        self.name = f"{platform.node()}:{os.getpid()}"
+        tally.started.remote(self.name, self.start)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out = super().__call__(table)
-        self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0))
+        # Waited for (~1 ms a call), so the driver's last read of the tally sees every call.
+        ray.get(self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0), self.name,
+                                      self.last_span))
         return out
 
 
@@ -396,7 +411,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     ``CheckpointConfig`` is not used: on Ray 2.60 its resume adds filter actors that reserve a CPU
     each, which deadlocks a small node, and it needs a file reader as the source.)
     """
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     p = plan(cfg, load)
     if p.state is State.DONE:
         summary = output.finished_summary(p.output)
@@ -421,11 +436,13 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                      todo.num_rows, ", and error rows again" if cfg.output.retry_errors else "")
         log.info("%d rows from %s; model %s", todo.num_rows, cfg.input.path, p.spec.name)
         marks.append(("ray_start", time.perf_counter()))
+        replicas: dict[str, Any] = {}
         if todo.num_rows:
             try:
                 with progress_line(todo.num_rows, cfg.ray.progress_every_s) as tally:
                     for _ in build_dataset(p, todo, workers_have_env, tally).iter_batches(batch_size=None):
                         pass
+                    replicas = ray.get(tally.timing.remote(started_wall))
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))
@@ -435,7 +452,7 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     summary = {**metadata(p), **output.summarize(p.output, p.manifest, time.perf_counter() - started),
                "resumed": p.state is State.RESUME, "updated": p.state is State.UPDATE,
                "fingerprint": p.fingerprint, "settings_fingerprint": p.settings_fingerprint,
-               "config": cfg.model_dump(), "hardware": hardware,
+               "config": cfg.model_dump(), "hardware": hardware, "replicas": replicas,
                "phases_s": {name: round(end - start, 3) for (_, start), (name, end) in
                             zip([(None, started), *marks], marks, strict=False)}}
     shards = output.commit(p.output, summary)

@@ -10,10 +10,14 @@ that fails alone becomes an ``inference_error`` row.
 from __future__ import annotations
 
 import logging
+import os
+import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +60,66 @@ class Transcriber(Protocol):
         """Called after each call's batches."""
 
 
+@dataclass(frozen=True)
+class CallSpan:
+    """When one call's model work ran, in wall-clock seconds (``time.time()``, comparable across the
+    node's processes): from its first batch handed to the model to its last batch's result; and the
+    audio its rows (or windows) held."""
+
+    start: float
+    end: float
+    audio_s: float
+
+
+@dataclass(frozen=True)
+class ReplicaStart:
+    """When a replica's process started (None where the platform does not say), and when its
+    transcriber's load (imports, weights, probes) began and ended; wall-clock seconds."""
+
+    process: float | None
+    load_start: float
+    load_end: float
+
+
+def process_start_time() -> float | None:
+    """This process's start, wall-clock seconds (Linux's /proc; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
+                   starts: Mapping[Any, ReplicaStart] | None = None) -> dict[str, Any]:
+    """The replicas' own account of a run, from each replica's call spans: when the first batch
+    started and the last ended (seconds after ``since``, the command's start), the busy fraction
+    (time inside calls over each replica's first-start-to-last-end, summed over replicas) and the
+    steady-state speed (the audio over first start to last end). With ``starts``, also when the
+    first replica's process started and its transcriber was ready, and the load's median length:
+    where the start-up went. Empty without spans."""
+    spans = {r: s for r, s in spans.items() if s}
+    if not spans:
+        return {}
+    startup: dict[str, Any] = {}
+    if starts:
+        processes = [s.process for s in starts.values() if s.process is not None]
+        startup = {"process_start_s": round(min(processes) - since, 3) if processes else None,
+                   "ready_s": round(min(s.load_end for s in starts.values()) - since, 3),
+                   "load_s": round(statistics.median(s.load_end - s.load_start for s in starts.values()), 3)}
+    first = min(c.start for s in spans.values() for c in s)
+    last = max(c.end for s in spans.values() for c in s)
+    busy = sum(c.end - c.start for s in spans.values() for c in s)
+    active = sum(max(c.end for c in s) - min(c.start for c in s) for s in spans.values())
+    audio = sum(c.audio_s for s in spans.values() for c in s)
+    return {"replicas": len(spans), "calls": sum(len(s) for s in spans.values()), **startup,
+            "first_batch_s": round(first - since, 3), "last_batch_s": round(last - since, 3),
+            "busy_fraction": round(busy / active, 4) if active > 0 else 1.0,
+            "steady_audio_s_per_s": round(audio / (last - first), 2) if last > first else None}
+
+
 class TranscribeStage:
     """Decoded rows (:data:`pipeline.schema.DECODED_SCHEMA`) → output rows (the output schema with
     ``metadata``), one for one, in order. ``load`` builds the transcriber once, in the replica.
@@ -69,16 +133,20 @@ class TranscribeStage:
     in seconds and its confidence: the mean top posterior over its frames) and a ``confidence``: the
     mean of its words' confidences (null without words). With ``lm``, rows get neither text nor
     words here but their stitched log-probabilities (:data:`pipeline.schema.LOGPROBS`), for the
-    LM decoding step (:mod:`pipeline.lm`)."""
+    LM decoding step (:mod:`pipeline.lm`).
+
+    :attr:`start` says when the replica started and loaded; after each call, :attr:`last_span` says
+    when its model work ran (None when no row ran)."""
 
     def __init__(self, load: Callable[[], Transcriber], inference: InferenceConfig, model_name: str,
                  metadata: dict, windowing: Windowing, *, words: bool, lm: bool = False,
                  log_level: int | None = None):
         if log_level is not None:  # in a Ray worker (see log_to_stderr)
             log_to_stderr(log_level)
-        started = time.perf_counter()
+        started = time.time()
         self.transcriber = load()
-        log.info("replica ready in %.1f s (imports, model load and probes)", time.perf_counter() - started)
+        self.start = ReplicaStart(process_start_time(), started, time.time())
+        log.info("replica ready in %.1f s (imports, model load and probes)", self.start.load_end - started)
         self.model_name = model_name
         self.max_batch_samples = inference.max_batch_samples
         self.max_padding_waste = inference.max_padding_waste
@@ -87,6 +155,7 @@ class TranscribeStage:
         self.schema = S.output_schema({**metadata, "precision": self.transcriber.precision}, words=words)
         if lm:
             self.schema = S.with_logprobs(self.schema)
+        self.last_span: CallSpan | None = None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -130,6 +199,7 @@ class TranscribeStage:
         pieces: dict[int, list[tuple]] = {i: [] for i in left}  # (window start, *its emission's kept frames)
         lengths = [w.stop - w.start for _, w in items]
         plan = plan_batches(lengths, self.max_batch_samples, self.max_padding_waste)
+        call_started = time.time()
         for done in self._run(plan, wave, lengths, fail_item):
             complete = []
             for k, emission, padded_len in done:
@@ -150,6 +220,9 @@ class TranscribeStage:
                 for i, text, (ids, top) in zip(complete, texts, stitched, strict=True):
                     transcripts[i] = text
                     words[i], confidence[i] = S.word_entries(self.transcriber.words(ids, top), self.windowing.seconds)
+        # left keeps every row that ran (its counts reach 0)
+        self.last_span = CallSpan(call_started, time.time(), sum(len(waves[i]) for i in left) / self.windowing.rate
+                                  ) if items else None
         self.transcriber.release_memory()
 
         out = {

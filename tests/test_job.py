@@ -124,6 +124,12 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     phases = summary["phases_s"]  # where the time went; Ray was already running (the session's cluster)
     assert list(phases) == ["plan", "ray_start", "run", "ray_stop"] and min(phases.values()) >= 0
     assert phases["run"] > 0 and sum(phases.values()) == pytest.approx(summary["wall_s"], abs=0.01)  # ms rounding
+    # The replicas' own timestamps: their first batch after the job started, busy between first and last.
+    timing = summary["replicas"]
+    assert timing["replicas"] == 1 and timing["calls"] >= 1 and 0 < timing["busy_fraction"] <= 1
+    assert 0 < timing["first_batch_s"] < timing["last_batch_s"] <= summary["wall_s"]
+    assert timing["process_start_s"] < timing["ready_s"] <= timing["first_batch_s"] and timing["load_s"] > 0
+    assert timing["steady_audio_s_per_s"] > 0
     sized = summary["config"]["inference"]  # auto settings sized from the session's 2-CPU cluster
     assert (sized["min_replicas"], sized["gpus_per_replica"], sized["torch_threads"]) == (1, 0.0, 2)
     # Every file that is not a shard starts with "_".

@@ -23,7 +23,7 @@ from pipeline.errors import ErrorKind, Stage
 from pipeline.model.reference import Reference
 from pipeline.model.spec import FrontEnd, ModelSpec
 from pipeline.model.transcriber import CTCTranscriber
-from pipeline.transcribe import TranscribeStage
+from pipeline.transcribe import CallSpan, ReplicaStart, TranscribeStage, replica_timing
 from pipeline.windows import Windowing
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
@@ -170,6 +170,38 @@ def test_long_rows_run_as_windows_in_shared_batches_and_are_stitched_in_order():
     assert max(len(b) for b in fake.batches) > 1 and sum(map(len, fake.batches)) > sum(windows)  # retried alone
     assert out[0][S.PADDED_SAMPLES] == windowing.length and out[0][S.NUM_SAMPLES] == lengths[0]
     assert S.WORDS not in out[0] and out[0][S.CONFIDENCE] == 0.25 and out[2][S.CONFIDENCE] is None
+
+
+def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_them_up():
+    """A calibrated stand-in (jobs/stand_in.py: 100 audio s/s of padded batch, sleeping): the call's span
+    holds its model time and its rows' audio; the replicas' timing gives the busy fraction and the
+    steady speed from the spans, and the first batch's time after the command started."""
+    from jobs.stand_in import StandInTranscriber
+
+    waves = [np.zeros(n, np.float32) for n in (16_000, 16_000, 32_000, 300)]  # 300: too short, does not run
+    stage = TranscribeStage(lambda: StandInTranscriber(rate=100.0), InferenceConfig(), "m", METADATA, WINDOWING,
+                            words=False)
+    assert stage.last_span is None
+    stage(_decoded_table(waves))
+    span = stage.last_span
+    assert span.audio_s == pytest.approx(4.0)
+    lengths, inference = [16_000, 16_000, 32_000], InferenceConfig()
+    plan = plan_batches(lengths, inference.max_batch_samples, inference.max_padding_waste)
+    padded_s = sum(len(b) * max(lengths[i] for i in b) for b in plan) / 16_000
+    assert span.end - span.start == pytest.approx(padded_s / 100.0, abs=0.02)
+    stage(_decoded_table(waves[3:]))  # nothing runs: no span
+    assert stage.last_span is None
+
+    spans = {"a": [CallSpan(10.0, 12.0, 20.0), CallSpan(13.0, 14.0, 10.0)], "b": [CallSpan(11.0, 15.0, 30.0)], "c": []}
+    assert replica_timing(spans, since=8.0) == {
+        "replicas": 2, "calls": 3, "first_batch_s": 2.0, "last_batch_s": 7.0,
+        "busy_fraction": round((2 + 1 + 4) / (4 + 4), 4), "steady_audio_s_per_s": 60 / 5}
+    assert replica_timing({}, since=0.0) == {}
+    starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}
+    timing = replica_timing(spans, since=8.0, starts=starts)
+    assert (timing["process_start_s"], timing["ready_s"], timing["load_s"]) == (1.0, 1.9, pytest.approx(0.5))
+    start = stage.start  # this process's, as the replica's own
+    assert start.process is not None and start.process <= start.load_start <= start.load_end <= span.start
 
 
 def test_the_audio_column_is_read_in_place():
