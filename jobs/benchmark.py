@@ -587,6 +587,15 @@ def main(argv: list[str] | None = None) -> dict:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)
         print(f"job start-up, estimated (job's wall time less the corpus at job-marginal's speed): {startup:.1f} s")
+    if "decode-job-again" in speed and "replica-alone" in speed:
+        # How many decoding cores keep one replica busy: its model code's speed over one core's
+        # share of the job's decode step (and of plain decoding, what a leaner decode step could reach).
+        per_core = {k: speed[k] / args.threads for k in ("decode-job-again", "decode-plain")}
+        cores = {k: round(speed["replica-alone"] / v, 2) for k, v in per_core.items()}
+        result["decode_cores_per_replica"] = cores
+        print("decoding cores one replica needs (replica-alone over one core's decode speed): "
+              f"{cores['decode-job-again']:.2f} through the job's decode step, {cores['decode-plain']:.2f} at "
+              "plain decoding's speed")
     if args.roofline:
         result["roofline"] = roofline(flops / audio_s, speed, args.precision, args.device)
     if decode_s:
