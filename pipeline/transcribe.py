@@ -64,7 +64,7 @@ class Transcriber(Protocol):
 class CallSpan:
     """When one call's model work ran, in wall-clock seconds (``time.time()``, comparable across the
     node's processes): from its first batch handed to the model to its last batch's result; and the
-    audio its rows (or windows) held."""
+    audio of the rows it ran (a long row's once, whatever its windows' overlap)."""
 
     start: float
     end: float
