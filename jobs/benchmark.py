@@ -50,6 +50,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -578,11 +579,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
     for name, runs in [("job", summaries), ("job-stand-in", stand_in_summaries)]:
         if runs and runs[0].get("replicas"):
+            keys = ("first_batch_s", "last_batch_s", "busy_fraction", "device_busy_fraction")
             result[f"{name}_replicas"] = timing = {k: statistics.median(r["replicas"][k] for r in runs)
-                                                   for k in ("first_batch_s", "last_batch_s", "busy_fraction")}
+                                                   for k in keys if k in runs[0]["replicas"]}
             print(f"{name}: first batch {timing['first_batch_s']:.2f} s after the command started, last batch "
-                  f"ended at {timing['last_batch_s']:.2f} s; the replicas busy {timing['busy_fraction']:.1%} "
-                  "of the time between")
+                  f"ended at {timing['last_batch_s']:.2f} s; the replicas in calls {timing['busy_fraction']:.1%} "
+                  f"of the time between, their device busy {timing.get('device_busy_fraction', math.nan):.1%}")
     if args.job_marginal and summaries:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)

@@ -29,6 +29,7 @@ class StandInTranscriber:
         self.rate = rate  # audio-seconds of padded batch per second
         self.min_samples = min_samples
         self._free_at = 0.0  # when the "device" has run every batch queued so far
+        self.device_s = 0.0  # the "device's" time on batches so far
 
     def start(self, waves: Sequence[np.ndarray]) -> tuple[float, int]:
         """Pad the batch on the host, as the real replica does, and queue it; return when it will be
@@ -37,6 +38,7 @@ class StandInTranscriber:
         for row, wave in zip(batch, waves, strict=True):
             row[: len(wave)] = wave
         padded = batch.size
+        self.device_s += padded / SAMPLE_RATE / self.rate
         self._free_at = max(time.monotonic(), self._free_at) + padded / SAMPLE_RATE / self.rate
         return self._free_at, len(waves)
 

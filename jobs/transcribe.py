@@ -13,6 +13,7 @@ from pipeline.engine import run_job
 from pipeline.errors import ConfigError, JobError
 from pipeline.logs import LOG_FORMAT
 from pipeline.output import SUMMARY_FILE
+from pipeline.transcribe import process_start_time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,16 +67,17 @@ def report_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
-    args = parse_args(argv)
+    command_line = sys.argv[1:] if argv is None else argv
+    if command_line[:1] == ["report"]:
+        return report_main(command_line[1:])
+    args = parse_args(command_line)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format=LOG_FORMAT,
     )
     try:
-        summary = run_job(config(args))
+        # From the command's start where this is the command (its imports and config are start-up too).
+        summary = run_job(config(args), started_at=process_start_time() if argv is None else None)
     except (ConfigError, JobError) as exc:
         print(f"transcribe: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1

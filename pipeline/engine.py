@@ -402,9 +402,12 @@ def progress_line(rows: int, every_s: float) -> Iterator[Any]:
         thread.join(timeout=every_s + 5)
 
 
-def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> dict[str, Any]:
+def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None,
+            started_at: float | None = None) -> dict[str, Any]:
     """Run the whole job; return the summary also written to ``OUT_DIR/_summary.json``. ``load``
     (picklable) builds each replica's transcriber instead of the configured model, e.g. a stand-in.
+    ``started_at``: when the command started (wall-clock), where that was before this call (the
+    command line's process start): the summary's times count from it, the first phase ``setup``.
 
     Resumable and exactly-once (:mod:`pipeline.output`): the same command after a crash transcribes
     only the rows no shard holds; after a finished run it does nothing. (Ray Data's
@@ -412,6 +415,9 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
     each, which deadlocks a small node, and it needs a file reader as the source.)
     """
     started, started_wall = time.perf_counter(), time.time()
+    setup_s = max(0.0, started_wall - started_at) if started_at is not None else None
+    if setup_s is not None:  # count from the command's start
+        started, started_wall = started - setup_s, started_wall - setup_s
     p = plan(cfg, load)
     if p.state is State.DONE:
         summary = output.finished_summary(p.output)
@@ -419,7 +425,9 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None) -> di
                     p.output, summary["rows_out"])
         output.check_errors(p.output, summary, cfg.output.max_error_fraction)
         return {**summary, "already_complete": True}
-    marks = [("plan", time.perf_counter())]  # where the job's time goes, phase by phase
+    # where the job's time goes, phase by phase
+    marks = [("setup", started + setup_s)] if setup_s is not None else []
+    marks.append(("plan", time.perf_counter()))
     with ray_session(cfg) as workers_have_env:
         p.cfg = cfg = sized_config(cfg)
         check_resources(cfg)

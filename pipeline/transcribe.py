@@ -43,6 +43,9 @@ class Transcriber(Protocol):
 
     min_samples: int  # shorter rows are too_short
     precision: str  # as it runs (inference.precision's auto resolved), recorded in the output's metadata
+    # Optional: the device's time on batches so far (CTCTranscriber's: CUDA events on a GPU), for the
+    # summary's device_busy_fraction; a transcriber without it leaves that out.
+    device_s: float
 
     def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]],
                            logprobs: bool = False) -> Iterator[list[Emission] | Exception]:
@@ -69,6 +72,7 @@ class CallSpan:
     start: float
     end: float
     audio_s: float
+    device_s: float | None = None  # the device's time on the call's batches, where the transcriber says
 
 
 @dataclass(frozen=True)
@@ -97,27 +101,28 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
     """The replicas' own account of a run, from each replica's call spans: when the first batch
     started and the last ended (seconds after ``since``, the command's start), the busy fraction
     (time inside calls over each replica's first-start-to-last-end, summed over replicas) and the
-    steady-state speed (the audio over first start to last end). With ``starts``, also when the
+    steady-state speed (the audio over first start to last end); where every call says its device
+    time, the device's busy fraction over the same spans. With ``starts``, also when the
     first replica's process started and its transcriber was ready, and the load's median length:
     where the start-up went. Empty without spans."""
     spans = {r: s for r, s in spans.items() if s}
     if not spans:
         return {}
-    startup: dict[str, Any] = {}
+    calls = [c for s in spans.values() for c in s]
+    first, last = min(c.start for c in calls), max(c.end for c in calls)
+    active = sum(max(c.end for c in s) - min(c.start for c in s) for s in spans.values())
+    timing: dict[str, Any] = {"replicas": len(spans), "calls": len(calls)}
     if starts:
         processes = [s.process for s in starts.values() if s.process is not None]
-        startup = {"process_start_s": round(min(processes) - since, 3) if processes else None,
+        timing |= {"process_start_s": round(min(processes) - since, 3) if processes else None,
                    "ready_s": round(min(s.load_end for s in starts.values()) - since, 3),
                    "load_s": round(statistics.median(s.load_end - s.load_start for s in starts.values()), 3)}
-    first = min(c.start for s in spans.values() for c in s)
-    last = max(c.end for s in spans.values() for c in s)
-    busy = sum(c.end - c.start for s in spans.values() for c in s)
-    active = sum(max(c.end for c in s) - min(c.start for c in s) for s in spans.values())
-    audio = sum(c.audio_s for s in spans.values() for c in s)
-    return {"replicas": len(spans), "calls": sum(len(s) for s in spans.values()), **startup,
-            "first_batch_s": round(first - since, 3), "last_batch_s": round(last - since, 3),
-            "busy_fraction": round(busy / active, 4) if active > 0 else 1.0,
-            "steady_audio_s_per_s": round(audio / (last - first), 2) if last > first else None}
+    timing |= {"first_batch_s": round(first - since, 3), "last_batch_s": round(last - since, 3),
+               "busy_fraction": round(sum(c.end - c.start for c in calls) / active, 4) if active > 0 else 1.0}
+    if active > 0 and all(c.device_s is not None for c in calls):
+        timing["device_busy_fraction"] = round(sum(c.device_s for c in calls) / active, 4)
+    timing["steady_audio_s_per_s"] = round(sum(c.audio_s for c in calls) / (last - first), 2) if last > first else None
+    return timing
 
 
 class TranscribeStage:
@@ -199,7 +204,7 @@ class TranscribeStage:
         pieces: dict[int, list[tuple]] = {i: [] for i in left}  # (window start, *its emission's kept frames)
         lengths = [w.stop - w.start for _, w in items]
         plan = plan_batches(lengths, self.max_batch_samples, self.max_padding_waste)
-        call_started = time.time()
+        call_started, device_before = time.time(), getattr(self.transcriber, "device_s", None)
         for done in self._run(plan, wave, lengths, fail_item):
             complete = []
             for k, emission, padded_len in done:
@@ -221,8 +226,9 @@ class TranscribeStage:
                     transcripts[i] = text
                     words[i], confidence[i] = S.word_entries(self.transcriber.words(ids, top), self.windowing.seconds)
         # left keeps every row that ran (its counts reach 0)
-        self.last_span = CallSpan(call_started, time.time(), sum(len(waves[i]) for i in left) / self.windowing.rate
-                                  ) if items else None
+        device_s = None if device_before is None else self.transcriber.device_s - device_before
+        self.last_span = CallSpan(call_started, time.time(), sum(len(waves[i]) for i in left) / self.windowing.rate,
+                                  device_s) if items else None
         self.transcriber.release_memory()
 
         out = {

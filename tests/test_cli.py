@@ -15,7 +15,7 @@ import pytest
 from helpers import start_transcribe, write_tone_clips
 
 from pipeline import schema as S
-from pipeline.output import read_output
+from pipeline.output import SUMMARY_FILE, read_output
 
 DEMO_MAX_CER = 0.04  # measured 2.28% over all 40 clips (pipeline/models/demo-wav2vec2/TRAINING.md)
 
@@ -79,6 +79,12 @@ def test_demo_config_transcribes_the_heldout_clips_offline(tmp_path):
     cer = jiwer.cer(table[S.REFERENCE].to_pylist(), table[S.TRANSCRIPT].to_pylist())
     print(f"demo CER over the held-out clips: {cer:.2%}")
     assert cer < DEMO_MAX_CER  # real English words, not noise
+    # Timed from the command's start: its imports and config are the "setup" phase, before the plan.
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    phases = summary["phases_s"]
+    assert list(phases) == ["setup", "plan", "ray_start", "run", "ray_stop"] and phases["setup"] > 0.3
+    assert sum(phases.values()) == pytest.approx(summary["wall_s"], abs=0.01)
+    assert phases["setup"] + phases["plan"] + phases["ray_start"] < summary["replicas"]["first_batch_s"]
     rerun = transcribe("--config", "configs/demo.yaml", "--output", str(out), "-q")
     assert rerun.returncode == 0, rerun.stderr  # demo.yaml sets output.overwrite
 

@@ -127,6 +127,7 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     # The replicas' own timestamps: their first batch after the job started, busy between first and last.
     timing = summary["replicas"]
     assert timing["replicas"] == 1 and timing["calls"] >= 1 and 0 < timing["busy_fraction"] <= 1
+    assert 0 < timing["device_busy_fraction"] <= timing["busy_fraction"]  # the forwards, inside the calls
     assert 0 < timing["first_batch_s"] < timing["last_batch_s"] <= summary["wall_s"]
     assert timing["process_start_s"] < timing["ready_s"] <= timing["first_batch_s"] and timing["load_s"] > 0
     assert timing["steady_audio_s_per_s"] > 0

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,8 +262,11 @@ def test_gpu_batches_started_ahead_give_what_each_alone_gives(group_model, preci
     t = CTCTranscriber(ModelSpec(str(group_model)), device="cuda", precision=precision)
     batches = [_utterances(seed, count) for seed, count in [(20, 6), (21, 3), (22, 9), (23, 4), (24, 5)]]
     want = [t.transcribe(batch) for batch in batches]
+    before, started = t.device_s, time.perf_counter()
     assert [t.decode([ids for ids, _ in rows]) for rows in t.transcribe_batches(batches)] == want
     assert sum(map(bool, sum(want, []))) > 5
+    # The GPU's time on the batches, from CUDA events: some, and no more than the wall time around them.
+    assert 0 < t.device_s - before <= time.perf_counter() - started
 
 
 @pytest.mark.gpu

@@ -189,13 +189,18 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     plan = plan_batches(lengths, inference.max_batch_samples, inference.max_padding_waste)
     padded_s = sum(len(b) * max(lengths[i] for i in b) for b in plan) / 16_000
     assert span.end - span.start == pytest.approx(padded_s / 100.0, abs=0.02)
+    assert span.device_s == pytest.approx(padded_s / 100.0)  # the stand-in's "device" time, exactly
     stage(_decoded_table(waves[3:]))  # nothing runs: no span
     assert stage.last_span is None
 
-    spans = {"a": [CallSpan(10.0, 12.0, 20.0), CallSpan(13.0, 14.0, 10.0)], "b": [CallSpan(11.0, 15.0, 30.0)], "c": []}
+    spans = {"a": [CallSpan(10.0, 12.0, 20.0, 1.5), CallSpan(13.0, 14.0, 10.0, 0.5)],
+             "b": [CallSpan(11.0, 15.0, 30.0, 3.0)], "c": []}
     assert replica_timing(spans, since=8.0) == {
         "replicas": 2, "calls": 3, "first_batch_s": 2.0, "last_batch_s": 7.0,
-        "busy_fraction": round((2 + 1 + 4) / (4 + 4), 4), "steady_audio_s_per_s": 60 / 5}
+        "busy_fraction": round((2 + 1 + 4) / (4 + 4), 4), "device_busy_fraction": round(5 / 8, 4),
+        "steady_audio_s_per_s": 60 / 5}
+    spans["b"] = [CallSpan(11.0, 15.0, 30.0)]  # a transcriber that does not say its device time
+    assert "device_busy_fraction" not in replica_timing(spans, since=8.0)
     assert replica_timing({}, since=0.0) == {}
     starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}
     timing = replica_timing(spans, since=8.0, starts=starts)
@@ -304,6 +309,9 @@ def test_the_real_model_code_starts_batches_ahead_and_a_failing_row_fails_alone(
     planned = [c for c in calls if c[0] == "start" and len(c[1]) > 1]
     assert len(planned) >= 3 and calls[0][0] == calls[1][0] == "start" and calls[2][0] == "finish"
     assert caplog.text.count("retrying them one at a time") == 2  # the two batches holding a bad row
+    # On a CPU the device time is the forwards' own: within the call's span.
+    span = stage.last_span
+    assert 0 < span.device_s <= span.end - span.start and transcriber.device_s == span.device_s
 
 
 def test_a_replica_logs_at_the_drivers_level_to_stderr(group_model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,13 +55,16 @@ _DEFAULTS = InferenceConfig()  # the config's defaults are the transcriber's
 @dataclass(frozen=True)
 class Started:
     """A batch :meth:`CTCTranscriber.start` queued: its argmax ids and each frame's top posterior
-    (on the host once ``done``, a CUDA event, has passed; ``None`` on a CPU) and each row's valid frames."""
+    (on the host once ``done``, a CUDA event, has passed; ``None`` on a CPU) and each row's valid
+    frames; on a GPU, ``begun``, the event before its work in the stream (its device time is the
+    events' difference: the stream runs batches one after another)."""
 
     ids: torch.Tensor
     confidence: torch.Tensor
     logprobs: torch.Tensor | None  # float16, when asked for (an LM decodes them)
     frames: list[int]
     done: torch.cuda.Event | None
+    begun: torch.cuda.Event | None = None
 
 
 class CTCTranscriber:
@@ -76,6 +80,7 @@ class CTCTranscriber:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
+        self.device_s = 0.0  # the device's time on batches so far: CUDA events on a GPU, the forward's on a CPU
         feature_extractor, self.tokenizer, self.model = load_model(spec, self.device)
         self.decoder = GreedyCTCDecoder(self.tokenizer, self.model.config.vocab_size)
         self.precision = precision = resolve_precision(precision, self.device)
@@ -160,10 +165,13 @@ class CTCTranscriber:
         ``autocast`` is the configured precision by default; ``None`` forces fp32 (for the load-time
         probe: once loaded, a reduced-precision replica's linear weights are in that precision).
         """
-        dtype = self.autocast if autocast == "default" else autocast
-        lengths = [len(w) for w in waves]
-        shape = len(waves), max(lengths)
-        if self.device.type == "cuda":  # page-locked, so that the copy to the GPU runs asynchronously
+        return self._forward(self._padded(waves), [len(w) for w in waves], autocast)
+
+    def _padded(self, waves: Sequence[np.ndarray]) -> torch.Tensor:
+        """The batch zero-padded to its longest row, on the host (page-locked on a GPU replica, so
+        that the copy to the GPU runs asynchronously)."""
+        shape = len(waves), max(len(w) for w in waves)
+        if self.device.type == "cuda":
             buffer = torch.zeros(shape, pin_memory=True)
             batch = buffer.numpy()
         else:
@@ -171,12 +179,16 @@ class CTCTranscriber:
             buffer = torch.from_numpy(batch)
         for row, wave in zip(batch, waves, strict=True):
             row[: len(wave)] = wave
+        return buffer
+
+    def _forward(self, buffer: torch.Tensor, lengths: list[int], autocast: torch.dtype | None | str) -> torch.Tensor:
+        dtype = self.autocast if autocast == "default" else autocast
         inputs = buffer.to(self.device, non_blocking=True)
         n = torch.as_tensor(lengths)
         mask = None
         if self.use_attention_mask:
             # non_blocking: a plain copy to a GPU would wait for the batch ahead to finish
-            mask = torch.arange(shape[1], device=self.device) < n.to(self.device, non_blocking=True)[:, None]
+            mask = torch.arange(buffer.shape[1], device=self.device) < n.to(self.device, non_blocking=True)[:, None]
         with (torch.inference_mode(), ieee_fp32(dtype is None), self.valid_lengths.of(n),
               sdpa_kernel(ATTENTION_BACKENDS) if self.device.type == "cuda" else nullcontext(),
               torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)):
@@ -229,26 +241,33 @@ class CTCTranscriber:
         and the argmax's copy to the host. On a GPU this returns while they run, so the host can
         decode the batch before (:meth:`finish`) and pad the next one meanwhile; on a CPU they
         have run when it returns."""
-        logits = self.logits(waves)
+        buffer, cuda = self._padded(waves), self.device.type == "cuda"
+        begun = torch.cuda.Event(enable_timing=True) if cuda else None
+        if begun is not None:  # after the host's padding: the device's part begins with the copy
+            begun.record(torch.cuda.current_stream(self.device))
+        clock = time.perf_counter()
+        logits = self._forward(buffer, [len(w) for w in waves], "default")
         top = logits.max(dim=-1)
         # The top posterior from the logits (softmax's max): ids stay the logits' own argmax.
         ids, confidence = top.indices, torch.exp(top.values - logits.logsumexp(dim=-1))
         # float16 log-probabilities: a quarter of fp32 logits' bytes, and the beam's result is the same
         lp = logits.log_softmax(dim=-1).half() if logprobs else None
         frames = self.frames([len(w) for w in waves])
-        if self.device.type != "cuda":
+        if not cuda:  # the work has run: the device time is the host's
+            self.device_s += time.perf_counter() - clock
             return Started(ids, confidence, lp, frames, None)
         host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in (ids, confidence, lp)]
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record(torch.cuda.current_stream(self.device))
-        return Started(*host, frames, done)
+        return Started(*host, frames, done, begun)
 
     def finish(self, started: Started) -> list[Emission]:
         """The second half of :meth:`transcribe`: wait for the batch; each row's argmax ids and top
         posteriors over its own frames."""
         if started.done is not None:
             started.done.synchronize()
+            self.device_s += started.begun.elapsed_time(started.done) / 1000
         parts = [t.numpy() for t in (started.ids, started.confidence, started.logprobs) if t is not None]
         return [tuple(p[row, :n] for p in parts) for row, n in enumerate(started.frames)]
 
