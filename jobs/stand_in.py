@@ -6,18 +6,35 @@ batch: :meth:`start` queues a batch and returns at once, the "device" runs queue
 another, and :meth:`finish` waits (sleeping, using no CPU) until that batch is done. So Ray Data's
 scheduling, object-store transfers, per-call planning, the drain at each call's end, decoding and
 writing are measured against a known ceiling: the job can at best run at ``rate``.
+
+:func:`silent_decode` stands in for the codec the same way (``decode.function``): the decode
+step's cost on Ray apart from decoding itself.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import soundfile as sf
+
+from pipeline.audio import Decoded
 
 SAMPLE_RATE = 16_000
+
+
+def silent_decode(path: str, data: bytes | None = None, *, target_rate: int = SAMPLE_RATE, **_limits) -> Decoded:
+    """A decoder without a codec (``decode.function=jobs.stand_in:silent_decode``, with
+    ``pipeline.audio.decode``'s signature): the header's duration of silence at ``target_rate``.
+    Against the real decoder on Ray it splits the decode step's time into the codec's and what Ray
+    Data, Arrow and isolation cost per file and per byte."""
+    info = sf.info(io.BytesIO(data) if data is not None else path)
+    return Decoded(np.zeros(round(info.frames * target_rate / info.samplerate), np.float32), info.samplerate,
+                   info.channels, info.duration)
 
 
 class StandInTranscriber:

@@ -56,3 +56,16 @@ def test_the_stand_in_queues_batches_like_an_accelerator_and_waits_only_for_them
     results = list(stand_in.transcribe_batches(batches))
     assert [stand_in.decode([ids for ids, _ in r]) for r in results] == [["", ""], ["", ""]]
     assert stand_in.precision == "stand-in" and stand_in.words(*results[0][0]) == []
+
+
+def test_the_silent_decoder_gives_the_headers_duration_of_silence(tmp_path):
+    """jobs.stand_in.silent_decode, decode.function's stand-in: no codec, the real length at the target rate."""
+    import soundfile as sf
+
+    from jobs.stand_in import silent_decode
+
+    path = tmp_path / "a.flac"
+    sf.write(path, np.full(44_100 * 2, 0.25, np.float32), 44_100)
+    for decoded in (silent_decode(str(path)), silent_decode("a.flac row 0", path.read_bytes())):
+        assert (decoded.sample_rate, decoded.num_channels, decoded.duration_s) == (44_100, 1, 2.0)
+        assert len(decoded.audio) == 32_000 and decoded.audio.dtype == np.float32 and not decoded.audio.any()
