@@ -578,10 +578,10 @@ def main(argv: list[str] | None = None) -> dict:
                                   for k in summaries[0]["phases_s"]}
         print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
     for name, runs in [("job", summaries), ("job-stand-in", stand_in_summaries)]:
-        if runs and runs[0].get("replicas"):
+        if runs and all(r.get("replicas") for r in runs):
             keys = ("first_batch_s", "last_batch_s", "busy_fraction", "device_busy_fraction")
             result[f"{name}_replicas"] = timing = {k: statistics.median(r["replicas"][k] for r in runs)
-                                                   for k in keys if k in runs[0]["replicas"]}
+                                                   for k in keys if all(k in r.get("replicas", {}) for r in runs)}
             print(f"{name}: first batch {timing['first_batch_s']:.2f} s after the command started, last batch "
                   f"ended at {timing['last_batch_s']:.2f} s; the replicas in calls {timing['busy_fraction']:.1%} "
                   f"of the time between, their device busy {timing.get('device_busy_fraction', math.nan):.1%}")

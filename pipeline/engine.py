@@ -368,9 +368,11 @@ class CountedTranscribeStage(TranscribeStage):
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out = super().__call__(table)
-        # Waited for (~1 ms a call), so the driver's last read of the tally sees every call.
-        ray.get(self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0), self.name,
-                                      self.last_span))
+        try:  # waited for (~1 ms a call), so the driver's last read of the tally sees every call
+            ray.get(self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0),
+                                          self.name, self.last_span))
+        except Exception as exc:  # noqa: BLE001 - progress and timings must never fail a call's rows
+            log.warning("the progress tally is unreachable (%s): progress and timings will be incomplete", exc)
         return out
 
 
@@ -450,7 +452,10 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None,
                 with progress_line(todo.num_rows, cfg.ray.progress_every_s) as tally:
                     for _ in build_dataset(p, todo, workers_have_env, tally).iter_batches(batch_size=None):
                         pass
-                    replicas = ray.get(tally.timing.remote(started_wall))
+                    try:
+                        replicas = ray.get(tally.timing.remote(started_wall))
+                    except Exception as exc:  # noqa: BLE001 - every shard is written: timings must not fail it
+                        log.warning("the replicas' timings were not collected (%s)", exc)
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))

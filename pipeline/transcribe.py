@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -86,14 +85,14 @@ class ReplicaStart:
 
 
 def process_start_time() -> float | None:
-    """This process's start, wall-clock seconds (Linux's /proc; None elsewhere)."""
+    """This process's start, wall-clock seconds (Linux's /proc; None elsewhere). /proc counts it in
+    clock ticks on the boot-time clock, whose "now" converts it to wall-clock time to ~10 ms."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
@@ -102,9 +101,9 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
     started and the last ended (seconds after ``since``, the command's start), the busy fraction
     (time inside calls over each replica's first-start-to-last-end, summed over replicas) and the
     steady-state speed (the audio over first start to last end); where every call says its device
-    time, the device's busy fraction over the same spans. With ``starts``, also when the
-    first replica's process started and its transcriber was ready, and the load's median length:
-    where the start-up went. Empty without spans."""
+    time, the device's busy fraction over the same spans. With ``starts``, also when the replica
+    that ran the first batch started its process, was ready, and how long its load took: where the
+    start-up went. Empty without spans."""
     spans = {r: s for r, s in spans.items() if s}
     if not spans:
         return {}
@@ -112,11 +111,11 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
     first, last = min(c.start for c in calls), max(c.end for c in calls)
     active = sum(max(c.end for c in s) - min(c.start for c in s) for s in spans.values())
     timing: dict[str, Any] = {"replicas": len(spans), "calls": len(calls)}
-    if starts:
-        processes = [s.process for s in starts.values() if s.process is not None]
-        timing |= {"process_start_s": round(min(processes) - since, 3) if processes else None,
-                   "ready_s": round(min(s.load_end for s in starts.values()) - since, 3),
-                   "load_s": round(statistics.median(s.load_end - s.load_start for s in starts.values()), 3)}
+    leader = min(spans, key=lambda r: min(c.start for c in spans[r]))  # the replica that ran the first batch
+    if starts and leader in starts:
+        start = starts[leader]
+        timing |= {"process_start_s": None if start.process is None else round(start.process - since, 3),
+                   "ready_s": round(start.load_end - since, 3), "load_s": round(start.load_end - start.load_start, 3)}
     timing |= {"first_batch_s": round(first - since, 3), "last_batch_s": round(last - since, 3),
                "busy_fraction": round(sum(c.end - c.start for c in calls) / active, 4) if active > 0 else 1.0}
     if active > 0 and all(c.device_s is not None for c in calls):
@@ -225,7 +224,7 @@ class TranscribeStage:
                 for i, text, (ids, top) in zip(complete, texts, stitched, strict=True):
                     transcripts[i] = text
                     words[i], confidence[i] = S.word_entries(self.transcriber.words(ids, top), self.windowing.seconds)
-        # left keeps every row that ran (its counts reach 0)
+        # left keeps every row handed to the model (failed ones too: the model ran them)
         device_s = None if device_before is None else self.transcriber.device_s - device_before
         self.last_span = CallSpan(call_started, time.time(), sum(len(waves[i]) for i in left) / self.windowing.rate,
                                   device_s) if items else None

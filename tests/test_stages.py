@@ -188,7 +188,7 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     lengths, inference = [16_000, 16_000, 32_000], InferenceConfig()
     plan = plan_batches(lengths, inference.max_batch_samples, inference.max_padding_waste)
     padded_s = sum(len(b) * max(lengths[i] for i in b) for b in plan) / 16_000
-    assert span.end - span.start == pytest.approx(padded_s / 100.0, abs=0.02)
+    assert padded_s / 100.0 - 0.005 <= span.end - span.start <= padded_s / 100.0 + 0.5  # it sleeps that long
     assert span.device_s == pytest.approx(padded_s / 100.0)  # the stand-in's "device" time, exactly
     stage(_decoded_table(waves[3:]))  # nothing runs: no span
     assert stage.last_span is None
@@ -202,9 +202,9 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     spans["b"] = [CallSpan(11.0, 15.0, 30.0)]  # a transcriber that does not say its device time
     assert "device_busy_fraction" not in replica_timing(spans, since=8.0)
     assert replica_timing({}, since=0.0) == {}
-    starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}
+    starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}  # "a" ran the first batch
     timing = replica_timing(spans, since=8.0, starts=starts)
-    assert (timing["process_start_s"], timing["ready_s"], timing["load_s"]) == (1.0, 1.9, pytest.approx(0.5))
+    assert (timing["process_start_s"], timing["ready_s"], timing["load_s"]) == (1.0, 1.9, pytest.approx(0.4))
     start = stage.start  # this process's, as the replica's own
     assert start.process is not None and start.process <= start.load_start <= start.load_end <= span.start
 

@@ -267,7 +267,8 @@ class CTCTranscriber:
         posteriors over its own frames."""
         if started.done is not None:
             started.done.synchronize()
-            self.device_s += started.begun.elapsed_time(started.done) / 1000
+            if started.begun is not None:
+                self.device_s += started.begun.elapsed_time(started.done) / 1000
         parts = [t.numpy() for t in (started.ids, started.confidence, started.logprobs) if t is not None]
         return [tuple(p[row, :n] for p in parts) for row, n in enumerate(started.frames)]
 
