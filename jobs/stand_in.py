@@ -55,9 +55,9 @@ class StandInTranscriber:
         batch = np.zeros((len(waves), max(len(w) for w in waves)), dtype=np.float32)
         for row, wave in zip(batch, waves, strict=True):
             row[: len(wave)] = wave
-        padded = batch.size
-        self.device_s += padded / SAMPLE_RATE / self.rate
-        self._free_at = max(time.monotonic(), self._free_at) + padded / SAMPLE_RATE / self.rate
+        seconds = batch.size / SAMPLE_RATE / self.rate  # the "device's" time on this batch
+        self.device_s += seconds
+        self._free_at = max(time.monotonic(), self._free_at) + seconds
         return self._free_at, len(waves)
 
     def finish(self, started: tuple[float, int]) -> list[tuple[np.ndarray, ...]]:

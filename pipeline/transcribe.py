@@ -42,9 +42,8 @@ class Transcriber(Protocol):
 
     min_samples: int  # shorter rows are too_short
     precision: str  # as it runs (inference.precision's auto resolved), recorded in the output's metadata
-    # Optional: the device's time on batches so far (CTCTranscriber's: CUDA events on a GPU), for the
-    # summary's device_busy_fraction; a transcriber without it leaves that out.
-    device_s: float
+    # A transcriber may also count its device's time on batches so far in ``device_s`` (seconds;
+    # CTCTranscriber's: CUDA events on a GPU) for the summary's device_busy_fraction; without it, none.
 
     def transcribe_batches(self, batches: Iterable[Sequence[np.ndarray]],
                            logprobs: bool = False) -> Iterator[list[Emission] | Exception]:

@@ -43,11 +43,9 @@ from pipeline.model.loading import (
     resolve_precision,
 )
 from pipeline.model.spec import ModelSpec, receptive_field
+from pipeline.transcribe import Emission
 
 log = logging.getLogger(__name__)
-
-# One row's argmax ids and each frame's top posterior (and, when asked for, its log-probabilities).
-Emission = tuple[np.ndarray, ...]
 
 _DEFAULTS = InferenceConfig()  # the config's defaults are the transcriber's
 
@@ -241,18 +239,18 @@ class CTCTranscriber:
         and the argmax's copy to the host. On a GPU this returns while they run, so the host can
         decode the batch before (:meth:`finish`) and pad the next one meanwhile; on a CPU they
         have run when it returns."""
-        buffer, cuda = self._padded(waves), self.device.type == "cuda"
+        buffer, lengths, cuda = self._padded(waves), [len(w) for w in waves], self.device.type == "cuda"
         begun = torch.cuda.Event(enable_timing=True) if cuda else None
         if begun is not None:  # after the host's padding: the device's part begins with the copy
             begun.record(torch.cuda.current_stream(self.device))
         clock = time.perf_counter()
-        logits = self._forward(buffer, [len(w) for w in waves], "default")
+        logits = self._forward(buffer, lengths, "default")
         top = logits.max(dim=-1)
         # The top posterior from the logits (softmax's max): ids stay the logits' own argmax.
         ids, confidence = top.indices, torch.exp(top.values - logits.logsumexp(dim=-1))
         # float16 log-probabilities: a quarter of fp32 logits' bytes, and the beam's result is the same
         lp = logits.log_softmax(dim=-1).half() if logprobs else None
-        frames = self.frames([len(w) for w in waves])
+        frames = self.frames(lengths)
         if not cuda:  # the work has run: the device time is the host's
             self.device_s += time.perf_counter() - clock
             return Started(ids, confidence, lp, frames, None)
