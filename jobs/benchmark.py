@@ -579,12 +579,17 @@ def main(argv: list[str] | None = None) -> dict:
         print("the job's phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["job_phases_s"].items()))
     for name, runs in [("job", summaries), ("job-stand-in", stand_in_summaries)]:
         if runs and all(r.get("replicas") for r in runs):
-            keys = ("first_batch_s", "last_batch_s", "busy_fraction", "device_busy_fraction")
+            keys = ("first_batch_s", "last_batch_s", "busy_fraction", "device_busy_fraction",
+                    "model_audio_s_per_s", "decode_audio_s_per_cpu_s", "decode_cpus_per_replica")
             result[f"{name}_replicas"] = timing = {k: statistics.median(r["replicas"][k] for r in runs)
                                                    for k in keys if all(k in r.get("replicas", {}) for r in runs)}
             print(f"{name}: first batch {timing['first_batch_s']:.2f} s after the command started, last batch "
                   f"ended at {timing['last_batch_s']:.2f} s; the replicas in calls {timing['busy_fraction']:.1%} "
                   f"of the time between, their device busy {timing.get('device_busy_fraction', math.nan):.1%}")
+            if "decode_cpus_per_replica" in timing:
+                print(f"{name}: the replicas ran {timing['model_audio_s_per_s']:,.0f} audio s/s inside calls, decode "
+                      f"{timing['decode_audio_s_per_cpu_s']:,.0f} per CPU-second held: "
+                      f"{timing['decode_cpus_per_replica']:.1f} decoding CPUs per replica")
     if args.job_marginal and summaries:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)

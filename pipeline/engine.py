@@ -48,7 +48,14 @@ from pipeline.model.spec import (
     load_front_end,
 )
 from pipeline.output import ShardWriter, State
-from pipeline.transcribe import CallSpan, ReplicaStart, Transcriber, TranscribeStage, replica_timing
+from pipeline.transcribe import (
+    CallSpan,
+    ReplicaStart,
+    Transcriber,
+    TranscribeStage,
+    decode_shortfall,
+    replica_timing,
+)
 from pipeline.windows import Windowing
 
 log = logging.getLogger(__name__)
@@ -71,9 +78,11 @@ class Plan:
     lm: LanguageModel | None  # the n-gram LM decoding step's; None: greedy decoding in the replicas
     load: Callable[[], Transcriber] | None = None  # builds each replica's transcriber; None: the configured model
 
-    def decode_stage(self) -> DecodeStage:
-        """The job's decode stage: the model's rate and normalisation, the config's limits and isolation."""
-        return DecodeStage(self.front_end, self.cfg.input, self.cfg.audio, self.cfg.decode, self.windowing.length)
+    def decode_stage(self, tally: Any = None) -> DecodeStage:
+        """The job's decode stage: the model's rate and normalisation, the config's limits and
+        isolation; with ``tally`` (a :class:`Tally`), one that adds its tasks' audio and time to it."""
+        args = (self.front_end, self.cfg.input, self.cfg.audio, self.cfg.decode, self.windowing.length)
+        return DecodeStage(*args) if tally is None else CountedDecodeStage(tally, *args)
 
     def transcribe_stage_kwargs(self) -> dict[str, Any]:
         """The job's ``TranscribeStage`` arguments, for each replica to construct it with."""
@@ -271,15 +280,16 @@ def _retries_through_remote_args() -> Iterator[None]:
         yield
 
 
-def decode_dataset(p: Plan, manifest: pa.Table) -> ray.data.Dataset:
-    """Manifest rows → decode tasks, as a lazy Dataset of decoded rows (the job's first step)."""
+def decode_dataset(p: Plan, manifest: pa.Table, tally: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
+    """Manifest rows → decode tasks, as a lazy Dataset of decoded rows (the job's first step);
+    ``tally``: a :class:`Tally` the tasks add their audio and time to."""
     rows = p.cfg.decode.rows_per_task
     # from_blocks, not from_arrow: one block per decode task, its metadata read here (from_arrow runs
     # a Ray task per block for it, taking the workers Ray prestarted for the replicas).
     ds = ray.data.from_blocks([manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)])
     with _retries_through_remote_args():
         return ds.map_batches(
-            p.decode_stage(),
+            p.decode_stage(tally),
             batch_format="pyarrow",
             batch_size=rows,
             num_cpus=p.cfg.decode.cpus_per_task,
@@ -292,10 +302,10 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False,
                   tally: ray.actor.ActorHandle | None = None) -> ray.data.Dataset:
     """Manifest rows → decode tasks → inference actor pool (→ LM tasks) → shard writers, as one lazy
     Dataset whose rows name the shards written. ``workers_have_env``: Ray's workers already start with
-    ``CPU_REPLICA_ENV``, else CPU replicas are given it. ``tally``: a :class:`Tally` the replicas add
-    their rows and audio to."""
+    ``CPU_REPLICA_ENV``, else CPU replicas are given it. ``tally``: a :class:`Tally` the decode tasks
+    and the replicas report to."""
     cfg, inf = p.cfg, p.cfg.inference
-    ds = decode_dataset(p, manifest)
+    ds = decode_dataset(p, manifest, tally)
     with _retries_through_remote_args():
         ds = ds.map_batches(
             TranscribeStage if tally is None else CountedTranscribeStage,
@@ -332,13 +342,19 @@ def build_dataset(p: Plan, manifest: pa.Table, workers_have_env: bool = False,
 
 @ray.remote(num_cpus=0)
 class Tally:
-    """Rows and audio seconds transcribed so far (the progress line's source), and each replica's
-    call spans (the summary's ``replicas``: :func:`pipeline.transcribe.replica_timing`)."""
+    """Rows and audio seconds transcribed so far (the progress line's source), each replica's call
+    spans, and the decode tasks' audio and CPU time (the summary's ``replicas``:
+    :func:`pipeline.transcribe.replica_timing`)."""
 
     def __init__(self):
         self.rows, self.audio_s = 0, 0.0
         self.spans: dict[str, list[CallSpan]] = {}
         self.starts: dict[str, ReplicaStart] = {}
+        self.decoded_audio_s = self.decode_cpu_s = 0.0
+
+    def decoded(self, audio_s: float, cpu_s: float) -> None:
+        self.decoded_audio_s += audio_s
+        self.decode_cpu_s += cpu_s
 
     def started(self, replica: str, start: ReplicaStart) -> None:
         self.starts[replica] = start
@@ -353,7 +369,27 @@ class Tally:
         return self.rows, self.audio_s
 
     def timing(self, since: float) -> dict[str, Any]:
-        return replica_timing(self.spans, since, self.starts)
+        return replica_timing(self.spans, since, self.starts, (self.decoded_audio_s, self.decode_cpu_s))
+
+
+class CountedDecodeStage(DecodeStage):
+    """The job's decode stage, adding each task's decoded audio and the CPU seconds it held (its
+    time times ``decode.cpus_per_task``) to a :class:`Tally`: decode's measured speed per CPU."""
+
+    def __init__(self, tally: Any, *args: Any):
+        super().__init__(*args)
+        self.tally, self.cpus = tally, args[3].cpus_per_task
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        clock = time.perf_counter()
+        out = super().__call__(table)
+        seconds = time.perf_counter() - clock
+        audio_s = pc.sum(pc.if_else(pc.is_null(out[S.ERROR_KIND]), out[S.DURATION_S], 0.0)).as_py() or 0.0
+        try:  # waited for, as the replicas' adds are (one per task)
+            ray.get(self.tally.decoded.remote(float(audio_s), seconds * self.cpus))
+        except Exception as exc:  # noqa: BLE001 - timings must never fail a task's rows
+            log.warning("the progress tally is unreachable (%s): decode timings will be incomplete", exc)
+        return out
 
 
 class CountedTranscribeStage(TranscribeStage):
@@ -456,6 +492,10 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None,
                         replicas = ray.get(tally.timing.remote(started_wall))
                     except Exception as exc:  # noqa: BLE001 - every shard is written: timings must not fail it
                         log.warning("the replicas' timings were not collected (%s)", exc)
+                    else:
+                        replicas_cpus = replicas.get("replicas", 0) * cfg.inference.cpus_per_replica
+                        if advice := decode_shortfall(replicas, hardware["cpus"] - replicas_cpus):
+                            log.warning("%s", advice)
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))

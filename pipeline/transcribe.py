@@ -94,15 +94,22 @@ def process_start_time() -> float | None:
     return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
 
 
+# Replicas inside calls less than this share of their time were starved of decoded audio.
+STARVED_BELOW = 0.9
+
+
 def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
-                   starts: Mapping[Any, ReplicaStart] | None = None) -> dict[str, Any]:
+                   starts: Mapping[Any, ReplicaStart] | None = None,
+                   decoded: tuple[float, float] | None = None) -> dict[str, Any]:
     """The replicas' own account of a run, from each replica's call spans: when the first batch
     started and the last ended (seconds after ``since``, the command's start), the busy fraction
-    (time inside calls over each replica's first-start-to-last-end, summed over replicas) and the
-    steady-state speed (the audio over first start to last end); where every call says its device
-    time, the device's busy fraction over the same spans. With ``starts``, also when the replica
-    that ran the first batch started its process, was ready, and how long its load took: where the
-    start-up went. Empty without spans."""
+    (time inside calls over each replica's first-start-to-last-end, summed over replicas), the
+    steady-state speed (the audio over first start to last end) and the model's speed (the audio
+    over the time inside calls); where every call says its device time, the device's busy fraction
+    over the same spans. With ``starts``, also when the replica that ran the first batch started its
+    process, was ready, and how long its load took: where the start-up went. With ``decoded``, the
+    decode tasks' (audio seconds decoded, CPU seconds held): decode's speed per CPU and the CPUs
+    decode needs to keep one replica busy at the model's speed. Empty without spans."""
     spans = {r: s for r, s in spans.items() if s}
     if not spans:
         return {}
@@ -119,8 +126,27 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
                "busy_fraction": round(sum(c.end - c.start for c in calls) / active, 4) if active > 0 else 1.0}
     if active > 0 and all(c.device_s is not None for c in calls):
         timing["device_busy_fraction"] = round(sum(c.device_s for c in calls) / active, 4)
-    timing["steady_audio_s_per_s"] = round(sum(c.audio_s for c in calls) / (last - first), 2) if last > first else None
+    audio, inside = sum(c.audio_s for c in calls), sum(c.end - c.start for c in calls)
+    timing["steady_audio_s_per_s"] = round(audio / (last - first), 2) if last > first else None
+    timing["model_audio_s_per_s"] = model = round(audio / inside, 2) if inside > 0 else None
+    if decoded is not None and decoded[0] > 0 and decoded[1] > 0:
+        timing["decode_audio_s_per_cpu_s"] = per_cpu = round(decoded[0] / decoded[1], 2)
+        timing["decode_cpus_per_replica"] = round(model / per_cpu, 1) if model else None
     return timing
+
+
+def decode_shortfall(timing: Mapping[str, Any], decode_cpus: float) -> str | None:
+    """Why the replicas waited, where they did (busy under :data:`STARVED_BELOW` of the time) and
+    the ``decode_cpus`` the cluster left for decode tasks are fewer than the replicas need at this
+    run's measured speeds (:func:`replica_timing`); else None."""
+    need = timing.get("decode_cpus_per_replica")
+    if not need or timing.get("busy_fraction", 1.0) >= STARVED_BELOW or decode_cpus >= need * timing["replicas"]:
+        return None
+    return (f"the replicas waited for audio {1 - timing['busy_fraction']:.0%} of the time: each needs "
+            f"~{need:g} decoding CPUs at this run's speeds (the model {timing['model_audio_s_per_s']:g} audio s/s, "
+            f"decode {timing['decode_audio_s_per_cpu_s']:g} per CPU), and {timing['replicas']} replicas had "
+            f"{decode_cpus:g} CPUs beside them; give the replicas more CPUs to decode with: on GPU nodes, more CPUs "
+            "per GPU (docs/design.md, Sizing decode)")
 
 
 class TranscribeStage:

@@ -23,7 +23,7 @@ from pipeline.errors import ErrorKind, Stage
 from pipeline.model.reference import Reference
 from pipeline.model.spec import FrontEnd, ModelSpec
 from pipeline.model.transcriber import CTCTranscriber
-from pipeline.transcribe import CallSpan, ReplicaStart, TranscribeStage, replica_timing
+from pipeline.transcribe import CallSpan, ReplicaStart, TranscribeStage, decode_shortfall, replica_timing
 from pipeline.windows import Windowing
 
 LENGTHS = [48_000, 9_000, 300, 31_000, 12_345, 47_000, 8_500, 30_000, 2_000]  # 300: below the 400 the model needs
@@ -198,15 +198,33 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     assert replica_timing(spans, since=8.0) == {
         "replicas": 2, "calls": 3, "first_batch_s": 2.0, "last_batch_s": 7.0,
         "busy_fraction": round((2 + 1 + 4) / (4 + 4), 4), "device_busy_fraction": round(5 / 8, 4),
-        "steady_audio_s_per_s": 60 / 5}
+        "steady_audio_s_per_s": 60 / 5, "model_audio_s_per_s": round(60 / 7, 2)}
     spans["b"] = [CallSpan(11.0, 15.0, 30.0)]  # a transcriber that does not say its device time
     assert "device_busy_fraction" not in replica_timing(spans, since=8.0)
     assert replica_timing({}, since=0.0) == {}
+    # The model's speed inside calls (60 audio s in 7 s of calls); decode's per CPU and the CPUs it needs.
+    timing = replica_timing(spans, since=8.0, decoded=(60.0, 20.0))
+    assert timing["model_audio_s_per_s"] == round(60 / 7, 2) and timing["decode_audio_s_per_cpu_s"] == 3.0
+    assert timing["decode_cpus_per_replica"] == round(60 / 7 / 3.0, 1)
+    assert "decode_cpus_per_replica" not in replica_timing(spans, since=8.0, decoded=(0.0, 0.0))
     starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}  # "a" ran the first batch
     timing = replica_timing(spans, since=8.0, starts=starts)
     assert (timing["process_start_s"], timing["ready_s"], timing["load_s"]) == (1.0, 1.9, pytest.approx(0.4))
     start = stage.start  # this process's, as the replica's own
     assert start.process is not None and start.process <= start.load_start <= start.load_end <= span.start
+
+
+def test_starved_replicas_are_told_how_many_decoding_cpus_they_need():
+    """Replicas busy under 90% of the time whose decode had fewer CPUs than the measured speeds
+    need get one line naming the need; busy replicas, or enough CPUs, get none."""
+    timing = {"replicas": 2, "busy_fraction": 0.5, "model_audio_s_per_s": 800.0,
+              "decode_audio_s_per_cpu_s": 100.0, "decode_cpus_per_replica": 8.0}
+    advice = decode_shortfall(timing, decode_cpus=6)
+    assert advice.startswith("the replicas waited for audio 50% of the time: each needs ~8 decoding CPUs")
+    assert "the model 800 audio s/s, decode 100 per CPU), and 2 replicas had 6 CPUs beside them" in advice
+    assert decode_shortfall(timing, decode_cpus=16) is None  # enough CPUs: the wait was something else
+    assert decode_shortfall(timing | {"busy_fraction": 0.95}, decode_cpus=6) is None
+    assert decode_shortfall({"replicas": 1, "busy_fraction": 0.5}, decode_cpus=1) is None  # no decode timings
 
 
 def test_the_audio_column_is_read_in_place():
