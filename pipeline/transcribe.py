@@ -142,11 +142,11 @@ def decode_shortfall(timing: Mapping[str, Any], decode_cpus: float) -> str | Non
     need = timing.get("decode_cpus_per_replica")
     if not need or timing.get("busy_fraction", 1.0) >= STARVED_BELOW or decode_cpus >= need * timing["replicas"]:
         return None
-    return (f"the replicas waited for audio {1 - timing['busy_fraction']:.0%} of the time: each needs "
-            f"~{need:g} decoding CPUs at this run's speeds (the model {timing['model_audio_s_per_s']:g} audio s/s, "
-            f"decode {timing['decode_audio_s_per_cpu_s']:g} per CPU), and {timing['replicas']} replicas had "
-            f"{decode_cpus:g} CPUs beside them; give the replicas more CPUs to decode with: on GPU nodes, more CPUs "
-            "per GPU (docs/design.md, Sizing decode)")
+    return (f"the replicas waited for audio {1 - timing['busy_fraction']:.0%} of the time: each needs ~{need:g} "
+            f"decoding CPUs at this run's speeds (the model ran {timing['model_audio_s_per_s']:,.0f} audio s/s, "
+            f"decode {timing['decode_audio_s_per_cpu_s']:,.0f} per CPU), and the cluster left {decode_cpus:g} for "
+            f"{timing['replicas']}; give the replicas more CPUs to decode with, on GPU nodes more CPUs per GPU "
+            "(docs/design.md, Sizing decode)")
 
 
 class TranscribeStage:

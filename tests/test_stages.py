@@ -221,7 +221,7 @@ def test_starved_replicas_are_told_how_many_decoding_cpus_they_need():
               "decode_audio_s_per_cpu_s": 100.0, "decode_cpus_per_replica": 8.0}
     advice = decode_shortfall(timing, decode_cpus=6)
     assert advice.startswith("the replicas waited for audio 50% of the time: each needs ~8 decoding CPUs")
-    assert "the model 800 audio s/s, decode 100 per CPU), and 2 replicas had 6 CPUs beside them" in advice
+    assert "(the model ran 800 audio s/s, decode 100 per CPU), and the cluster left 6 for 2;" in advice
     assert decode_shortfall(timing, decode_cpus=16) is None  # enough CPUs: the wait was something else
     assert decode_shortfall(timing | {"busy_fraction": 0.95}, decode_cpus=6) is None
     assert decode_shortfall({"replicas": 1, "busy_fraction": 0.5}, decode_cpus=1) is None  # no decode timings
