@@ -11,6 +11,7 @@ audio-seconds per second for:
    decoded arrays (soundfile decode included);
 3. bare-forward: the stock transformers model's forward alone on pre-decoded, normalised,
    length-sorted, pre-padded tensors at the job's precision and batch budget;
+   (``--compiled`` also times it under ``torch.compile``: bare-forward-compiled);
 3b. replica-alone: the job's model code (``CTCTranscriber.transcribe``: padding, exact batching, on
    CPUs in bf16 the matmul conv encoder, greedy decoding) on the same batches, without Ray: the
    ceiling for the job on this machine (``--encoders`` also times it with other conv feature encoders;
@@ -170,9 +171,11 @@ def sorted_batches(paths: list[Path], budget: int, max_waste: float) -> tuple[li
 
 
 def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]], precision: str,
-                 device: str, passes: int) -> tuple[list[float], float]:
+                 device: str, passes: int, compiled: bool = False) -> tuple[list[float], float]:
     """Seconds spent in the stock transformers forward passes alone (tensors built beforehand,
-    already on ``device``), per pass (see :data:`PASSES`), and padding waste."""
+    already on ``device``), per pass (see :data:`PASSES`), and padding waste. ``compiled``: the
+    model under ``torch.compile`` with dynamic shapes (one graph for every batch shape; its compile
+    falls in the warm-up), to measure what compiling could give the replicas before they do it."""
     batches = []
     for rows in plan:
         width = len(waves[rows[0]])
@@ -186,6 +189,8 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
     dtype = PRECISIONS[precision]
     if dtype is not None and device == "cpu":
         guard_positional_conv(model, dtype)  # as the job's CPU replicas do
+    if compiled:
+        model = torch.compile(model, dynamic=True)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         model(batches[-1])  # warm-up on the shortest batch
@@ -430,6 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time 3b with these conv feature encoders (replica-<name>); the job's own "
                          "is inference.conv_encoder=auto: chunked on CPUs in bf16/fp16, batched on GPUs (with the "
                          "positional conv as products too)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time bare-forward under torch.compile, two passes (bare-forward-compiled; "
+                         "the first holds any recompiles for new shapes)")
     ap.add_argument("--job-marginal", action="store_true",
                     help="also run the job on the first half of the files: the job's speed without its "
                          "start-up (job-marginal) and the start-up's estimate")
@@ -487,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
             if models:
                 bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device, passes)
                 record(seconds, "bare-forward", bare_s)
+                if args.compiled:
+                    record(seconds, "bare-forward-compiled", bare_forward(
+                        model_dir, waves, plan, args.precision, args.device, 2, compiled=True)[0])  # 2: past recompiles
                 record(seconds, "replica-alone",
                        replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
@@ -544,6 +555,11 @@ def main(argv: list[str] | None = None) -> dict:
                           ("decode-job", "decode-plain"), ("decode-job-again", "decode-plain")]:
         if path in speed:
             ratios[f"{path}/{ceiling}"] = speed[path] / speed[ceiling]
+    for name in ("bare-forward-compiled", "bare-forward-compiled-again"):  # what compiling gives the stock forward
+        if name in speed:
+            base = name.replace("-compiled", "")
+            base = base if base in speed else "bare-forward"  # on a CPU, one pass: shapes cost nothing new
+            ratios[f"{name}/{base}"] = speed[name] / speed[base]
     for name in speed:  # the job's calls or another encoder against the job's model code
         if name.startswith(("replica-", "stage-alone")) and name not in ("replica-alone", "replica-alone-again"):
             base = "replica-alone-again" if name.endswith("-again") else "replica-alone"
@@ -589,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "decode_cpus_per_replica" in timing:
                 print(f"{name}: the replicas ran {timing['model_audio_s_per_s']:,.0f} audio s/s inside calls, decode "
                       f"{timing['decode_audio_s_per_cpu_s']:,.0f} per CPU-second held: "
-                      f"{timing['decode_cpus_per_replica']:.1f} decoding CPUs per replica")
+                      f"{timing['decode_cpus_per_replica']:.2f} decoding CPUs per replica")
     if args.job_marginal and summaries:
         startup = statistics.median(seconds["job"]) - statistics.median(seconds["job-marginal"])
         result["job_startup_s"] = round(startup, 1)

@@ -131,7 +131,7 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
     timing["model_audio_s_per_s"] = model = round(audio / inside, 2) if inside > 0 else None
     if decoded is not None and decoded[0] > 0 and decoded[1] > 0:
         timing["decode_audio_s_per_cpu_s"] = per_cpu = round(decoded[0] / decoded[1], 2)
-        timing["decode_cpus_per_replica"] = round(model / per_cpu, 1) if model else None
+        timing["decode_cpus_per_replica"] = round(model / per_cpu, 2) if model else None
     return timing
 
 

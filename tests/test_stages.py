@@ -205,7 +205,7 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     # The model's speed inside calls (60 audio s in 7 s of calls); decode's per CPU and the CPUs it needs.
     timing = replica_timing(spans, since=8.0, decoded=(60.0, 20.0))
     assert timing["model_audio_s_per_s"] == round(60 / 7, 2) and timing["decode_audio_s_per_cpu_s"] == 3.0
-    assert timing["decode_cpus_per_replica"] == round(60 / 7 / 3.0, 1)
+    assert timing["decode_cpus_per_replica"] == round(60 / 7 / 3.0, 2)
     assert "decode_cpus_per_replica" not in replica_timing(spans, since=8.0, decoded=(0.0, 0.0))
     starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}  # "a" ran the first batch
     timing = replica_timing(spans, since=8.0, starts=starts)
