@@ -174,8 +174,9 @@ def bare_forward(model_dir: str, waves: list[np.ndarray], plan: list[list[int]],
                  device: str, passes: int, compiled: bool = False) -> tuple[list[float], float]:
     """Seconds spent in the stock transformers forward passes alone (tensors built beforehand,
     already on ``device``), per pass (see :data:`PASSES`), and padding waste. ``compiled``: the
-    model under ``torch.compile`` with dynamic shapes (one graph for every batch shape; its compile
-    falls in the warm-up), to measure what compiling could give the replicas before they do it."""
+    model under ``torch.compile`` with dynamic shapes (its compile falls in the warm-up, recompiles
+    for shapes its guards reject in the first pass), to measure what compiling could give the
+    replicas before they do it."""
     batches = []
     for rows in plan:
         width = len(waves[rows[0]])
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time decoding alone: the job's decode step on Ray (decode-job) against plain "
                          "soundfile + soxr in --threads processes (decode-plain)")
     args = ap.parse_args(argv)
+    if args.compiled and "model" in args.skip:
+        ap.error("--compiled times a model path: it cannot go with --skip model")
     args.precision = resolve_precision(args.precision, torch.device(args.device))
     # The job's own defaults size it (one CPU replica using every core; one replica per GPU).
     defaults = [f"ray.num_cpus={args.threads}"] + (
@@ -496,8 +499,13 @@ def main(argv: list[str] | None = None) -> dict:
                 bare_s, bare_waste = bare_forward(model_dir, waves, plan, args.precision, args.device, passes)
                 record(seconds, "bare-forward", bare_s)
                 if args.compiled:
-                    record(seconds, "bare-forward-compiled", bare_forward(
-                        model_dir, waves, plan, args.precision, args.device, 2, compiled=True)[0])  # 2: past recompiles
+                    # two passes: the second past any recompiles
+                    compiled_s = bare_forward(model_dir, waves, plan, args.precision, args.device, 2, compiled=True)[0]
+                    record(seconds, "bare-forward-compiled", compiled_s)
+                    # at once: a GPU check's time limit may end the run before the table
+                    print("bare-forward-compiled, then again: " + ", ".join(
+                        f"{audio_s / c:.2f}" for c in compiled_s) + " audio s/s (bare-forward: "
+                          + ", ".join(f"{audio_s / c:.2f}" for c in bare_s) + ")", flush=True)
                 record(seconds, "replica-alone",
                        replica_alone(model_dir, waves, plan, args.precision, args.device, args.threads, passes))
             if args.stage_alone:
@@ -597,8 +605,9 @@ def main(argv: list[str] | None = None) -> dict:
         if runs and all(r.get("replicas") for r in runs):
             keys = ("first_batch_s", "last_batch_s", "busy_fraction", "device_busy_fraction",
                     "model_audio_s_per_s", "decode_audio_s_per_cpu_s", "decode_cpus_per_replica")
-            result[f"{name}_replicas"] = timing = {k: statistics.median(r["replicas"][k] for r in runs)
-                                                   for k in keys if all(k in r.get("replicas", {}) for r in runs)}
+            result[f"{name}_replicas"] = timing = {
+                k: statistics.median(r["replicas"][k] for r in runs) for k in keys
+                if all(r["replicas"].get(k) is not None for r in runs)}
             print(f"{name}: first batch {timing['first_batch_s']:.2f} s after the command started, last batch "
                   f"ended at {timing['last_batch_s']:.2f} s; the replicas in calls {timing['busy_fraction']:.1%} "
                   f"of the time between, their device busy {timing.get('device_busy_fraction', math.nan):.1%}")

@@ -82,7 +82,7 @@ class Plan:
         """The job's decode stage: the model's rate and normalisation, the config's limits and
         isolation; with ``tally`` (a :class:`Tally`), one that adds its tasks' audio and time to it."""
         args = (self.front_end, self.cfg.input, self.cfg.audio, self.cfg.decode, self.windowing.length)
-        return DecodeStage(*args) if tally is None else CountedDecodeStage(tally, *args)
+        return DecodeStage(*args) if tally is None else CountedDecodeStage(tally, self.cfg.decode.cpus_per_task, *args)
 
     def transcribe_stage_kwargs(self) -> dict[str, Any]:
         """The job's ``TranscribeStage`` arguments, for each replica to construct it with."""
@@ -373,12 +373,14 @@ class Tally:
 
 
 class CountedDecodeStage(DecodeStage):
-    """The job's decode stage, adding each task's decoded audio and the CPU seconds it held (its
-    time times ``decode.cpus_per_task``) to a :class:`Tally`: decode's measured speed per CPU."""
+    """The job's decode stage, adding each call's decoded audio and the CPU seconds it held (the
+    call's time times ``cpus``, ``decode.cpus_per_task``) to a :class:`Tally`: decode's measured
+    speed per CPU. The call's time leaves out the task's start and its block's transfers, so the
+    speed is an upper bound and the CPUs a replica needs a lower one."""
 
-    def __init__(self, tally: Any, *args: Any):
+    def __init__(self, tally: Any, cpus: float, *args: Any):
         super().__init__(*args)
-        self.tally, self.cpus = tally, args[3].cpus_per_task
+        self.tally, self.cpus = tally, cpus
 
     def __call__(self, table: pa.Table) -> pa.Table:
         clock = time.perf_counter()
@@ -490,12 +492,12 @@ def run_job(cfg: JobConfig, load: Callable[[], Transcriber] | None = None,
                         pass
                     try:
                         replicas = ray.get(tally.timing.remote(started_wall))
+                        # An upper bound on decode's CPUs: LM tasks and other jobs may have taken some.
+                        beside = hardware["cpus"] - replicas.get("replicas", 0) * cfg.inference.cpus_per_replica
+                        if advice := decode_shortfall(replicas, beside):
+                            log.warning("%s", advice)
                     except Exception as exc:  # noqa: BLE001 - every shard is written: timings must not fail it
                         log.warning("the replicas' timings were not collected (%s)", exc)
-                    else:
-                        replicas_cpus = replicas.get("replicas", 0) * cfg.inference.cpus_per_replica
-                        if advice := decode_shortfall(replicas, hardware["cpus"] - replicas_cpus):
-                            log.warning("%s", advice)
             except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types
                 raise JobError(f"the job failed: {_root_cause(exc)}") from exc
         marks.append(("run", time.perf_counter()))

@@ -128,25 +128,27 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
         timing["device_busy_fraction"] = round(sum(c.device_s for c in calls) / active, 4)
     audio, inside = sum(c.audio_s for c in calls), sum(c.end - c.start for c in calls)
     timing["steady_audio_s_per_s"] = round(audio / (last - first), 2) if last > first else None
-    timing["model_audio_s_per_s"] = model = round(audio / inside, 2) if inside > 0 else None
+    model = audio / inside if inside > 0 else None
+    timing["model_audio_s_per_s"] = None if model is None else round(model, 2)
     if decoded is not None and decoded[0] > 0 and decoded[1] > 0:
-        timing["decode_audio_s_per_cpu_s"] = per_cpu = round(decoded[0] / decoded[1], 2)
-        timing["decode_cpus_per_replica"] = round(model / per_cpu, 2) if model else None
+        per_cpu = decoded[0] / decoded[1]  # rounded only when stored: a slow decode must not round to 0
+        timing["decode_audio_s_per_cpu_s"] = round(per_cpu, 2)
+        timing["decode_cpus_per_replica"] = None if model is None else round(model / per_cpu, 2)
     return timing
 
 
 def decode_shortfall(timing: Mapping[str, Any], decode_cpus: float) -> str | None:
-    """Why the replicas waited, where they did (busy under :data:`STARVED_BELOW` of the time) and
-    the ``decode_cpus`` the cluster left for decode tasks are fewer than the replicas need at this
-    run's measured speeds (:func:`replica_timing`); else None."""
+    """Why the replicas waited, where they did (inside calls under :data:`STARVED_BELOW` of the
+    time) and the ``decode_cpus`` the cluster left beside them are fewer than the replicas need at
+    this run's measured speeds (:func:`replica_timing`); else None."""
     need = timing.get("decode_cpus_per_replica")
     if not need or timing.get("busy_fraction", 1.0) >= STARVED_BELOW or decode_cpus >= need * timing["replicas"]:
         return None
     return (f"the replicas waited for audio {1 - timing['busy_fraction']:.0%} of the time: each needs ~{need:g} "
             f"decoding CPUs at this run's speeds (the model ran {timing['model_audio_s_per_s']:,.0f} audio s/s, "
-            f"decode {timing['decode_audio_s_per_cpu_s']:,.0f} per CPU), and the cluster left {decode_cpus:g} for "
-            f"{timing['replicas']}; give the replicas more CPUs to decode with, on GPU nodes more CPUs per GPU "
-            "(docs/design.md, Sizing decode)")
+            f"decode {timing['decode_audio_s_per_cpu_s']:,.0f} per CPU), and the cluster left {decode_cpus:g} CPUs "
+            f"for {timing['replicas']} replicas; give GPU nodes more CPUs per GPU, or run fewer replicas "
+            "(inference.max_replicas) for the same speed (docs/design.md, Sizing decode)")
 
 
 class TranscribeStage:

@@ -211,7 +211,7 @@ def test_a_submitted_job_runs_on_both_nodes(cluster, tmp_path):
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert (summary["rows_out"], summary["errors"], summary["lost"], summary["duplicated"]) == (40, 0, 0, 0)
     nodes = cluster.tasks_by_node("spread")
-    assert nodes["MapBatches(DecodeStage)"] == set(cluster.alive_nodes()), nodes  # rows decoded on both
+    assert nodes["MapBatches(CountedDecodeStage)"] == set(cluster.alive_nodes()), nodes  # rows decoded on both
 
 
 def test_a_node_killed_mid_run_loses_no_row(cluster, tmp_path):
@@ -234,7 +234,7 @@ def test_a_node_killed_mid_run_loses_no_row(cluster, tmp_path):
         assert (summary["rows_out"], summary["lost"], summary["duplicated"]) == (40, 0, 0)
         cluster._wait(lambda: killed not in cluster.alive_nodes(), "the killed node's death")  # it was killed
         ran = cluster.tasks_by_node("node-kill")
-        assert killed in ran["MapBatches(DecodeStage)"], ran  # the dead node held some of the job's work
+        assert killed in ran["MapBatches(CountedDecodeStage)"], ran  # the dead node held some of the job's work
     finally:
         cluster.worker = cluster.start_worker()  # for the tests after this one
 

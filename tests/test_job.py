@@ -131,10 +131,11 @@ def test_summary_counts_and_every_reader_sees_one_table(layer_run, ray_cluster):
     assert 0 < timing["first_batch_s"] < timing["last_batch_s"] <= summary["wall_s"]
     assert timing["process_start_s"] < timing["ready_s"] <= timing["first_batch_s"] and timing["load_s"] > 0
     assert timing["steady_audio_s_per_s"] > 0 and timing["model_audio_s_per_s"] >= timing["steady_audio_s_per_s"]
-    # decode's speed per CPU, over the audio it decoded: the 22 clips (the three bad rows count none)
+    # decode's speed per CPU over the audio it decoded (the two decode error rows count none), and the
+    # decoding CPUs a replica needs: the ratio of the two speeds
     assert timing["decode_audio_s_per_cpu_s"] > 0
     assert timing["decode_cpus_per_replica"] == pytest.approx(
-        timing["model_audio_s_per_s"] / timing["decode_audio_s_per_cpu_s"], abs=0.006)
+        timing["model_audio_s_per_s"] / timing["decode_audio_s_per_cpu_s"], rel=0.01, abs=0.01)
     sized = summary["config"]["inference"]  # auto settings sized from the session's 2-CPU cluster
     assert (sized["min_replicas"], sized["gpus_per_replica"], sized["torch_threads"]) == (1, 0.0, 2)
     # Every file that is not a shard starts with "_".

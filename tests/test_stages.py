@@ -207,6 +207,8 @@ def test_each_call_records_when_its_model_work_ran_and_the_replicas_timing_adds_
     assert timing["model_audio_s_per_s"] == round(60 / 7, 2) and timing["decode_audio_s_per_cpu_s"] == 3.0
     assert timing["decode_cpus_per_replica"] == round(60 / 7 / 3.0, 2)
     assert "decode_cpus_per_replica" not in replica_timing(spans, since=8.0, decoded=(0.0, 0.0))
+    slow = replica_timing(spans, since=8.0, decoded=(0.01, 10.0))  # decode at 0.001 audio s per CPU-second
+    assert slow["decode_audio_s_per_cpu_s"] == 0.0 and slow["decode_cpus_per_replica"] == round(60 / 7 / 0.001, 2)
     starts = {"a": ReplicaStart(9.0, 9.5, 9.9), "b": ReplicaStart(None, 9.6, 10.2)}  # "a" ran the first batch
     timing = replica_timing(spans, since=8.0, starts=starts)
     assert (timing["process_start_s"], timing["ready_s"], timing["load_s"]) == (1.0, 1.9, pytest.approx(0.4))
@@ -221,9 +223,11 @@ def test_starved_replicas_are_told_how_many_decoding_cpus_they_need():
               "decode_audio_s_per_cpu_s": 100.0, "decode_cpus_per_replica": 8.0}
     advice = decode_shortfall(timing, decode_cpus=6)
     assert advice.startswith("the replicas waited for audio 50% of the time: each needs ~8 decoding CPUs")
-    assert "(the model ran 800 audio s/s, decode 100 per CPU), and the cluster left 6 for 2;" in advice
+    assert "(the model ran 800 audio s/s, decode 100 per CPU), and the cluster left 6 CPUs for 2 replicas;" in advice
     assert decode_shortfall(timing, decode_cpus=16) is None  # enough CPUs: the wait was something else
-    assert decode_shortfall(timing | {"busy_fraction": 0.95}, decode_cpus=6) is None
+    assert decode_shortfall(timing, decode_cpus=15.9) is not None
+    assert decode_shortfall(timing | {"busy_fraction": 0.9}, decode_cpus=6) is None  # busy enough
+    assert decode_shortfall(timing | {"busy_fraction": 0.89}, decode_cpus=6) is not None
     assert decode_shortfall({"replicas": 1, "busy_fraction": 0.5}, decode_cpus=1) is None  # no decode timings
 
 

@@ -10,7 +10,7 @@ OUT=${OUT:-out/gpu-checks}
 DEVICE=${DEVICE:-cuda}
 MINUTES=${MINUTES:-360}
 STAND_IN=${STAND_IN:-8000}  # audio s/s: about the model code's speed on an H200 in bf16
-COMPILED_MINUTES=${COMPILED_MINUTES:-60}
+COMPILED_MINUTES=${COMPILED_MINUTES:-30}
 mkdir -p "$OUT"
 
 step() {  # step NAME SECONDS COMMAND...: run it, log its exit status and time in steps.log
@@ -31,5 +31,5 @@ step decode-split 150 python -m jobs.benchmark --device "$DEVICE" --minutes "$MI
     --json "$OUT/decode-split.json"
 # Last, as the least needed: what torch.compile gives the stock forward (bare-forward-compiled/bare-forward),
 # on a shorter corpus, since its compiles dominate.
-step compiled 180 python -m jobs.benchmark --device "$DEVICE" --minutes "$COMPILED_MINUTES" --skip seed hf-pipeline \
+step compiled 240 python -m jobs.benchmark --device "$DEVICE" --minutes "$COMPILED_MINUTES" --skip seed hf-pipeline \
     --compiled --json "$OUT/compiled.json"
