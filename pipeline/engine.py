@@ -372,6 +372,15 @@ class Tally:
         return replica_timing(self.spans, since, self.starts, (self.decoded_audio_s, self.decode_cpu_s))
 
 
+def _tell(tally_call: Callable[[], Any], lost: str) -> None:
+    """Make one :class:`Tally` call and wait for it (~1 ms), so the driver's last read of the tally
+    sees it; a tally that is unreachable costs the run its ``lost`` figures, never a row."""
+    try:
+        ray.get(tally_call())
+    except Exception as exc:  # noqa: BLE001 - progress and timings must never fail rows
+        log.warning("the progress tally is unreachable (%s): %s will be incomplete", exc, lost)
+
+
 class CountedDecodeStage(DecodeStage):
     """The job's decode stage, adding each call's decoded audio and the CPU seconds it held (the
     call's time times ``cpus``, ``decode.cpus_per_task``) to a :class:`Tally`: decode's measured
@@ -387,10 +396,7 @@ class CountedDecodeStage(DecodeStage):
         out = super().__call__(table)
         seconds = time.perf_counter() - clock
         audio_s = pc.sum(pc.if_else(pc.is_null(out[S.ERROR_KIND]), out[S.DURATION_S], 0.0)).as_py() or 0.0
-        try:  # waited for, as the replicas' adds are (one per task)
-            ray.get(self.tally.decoded.remote(float(audio_s), seconds * self.cpus))
-        except Exception as exc:  # noqa: BLE001 - timings must never fail a task's rows
-            log.warning("the progress tally is unreachable (%s): decode timings will be incomplete", exc)
+        _tell(lambda: self.tally.decoded.remote(float(audio_s), seconds * self.cpus), "decode timings")
         return out
 
 
@@ -406,11 +412,8 @@ class CountedTranscribeStage(TranscribeStage):
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out = super().__call__(table)
-        try:  # waited for (~1 ms a call), so the driver's last read of the tally sees every call
-            ray.get(self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0),
-                                          self.name, self.last_span))
-        except Exception as exc:  # noqa: BLE001 - progress and timings must never fail a call's rows
-            log.warning("the progress tally is unreachable (%s): progress and timings will be incomplete", exc)
+        _tell(lambda: self.tally.add.remote(table.num_rows, float(pc.sum(table[S.DURATION_S]).as_py() or 0.0),
+                                            self.name, self.last_span), "progress and timings")
         return out
 
 

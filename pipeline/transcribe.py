@@ -122,11 +122,11 @@ def replica_timing(spans: Mapping[Any, Sequence[CallSpan]], since: float,
         start = starts[leader]
         timing |= {"process_start_s": None if start.process is None else round(start.process - since, 3),
                    "ready_s": round(start.load_end - since, 3), "load_s": round(start.load_end - start.load_start, 3)}
+    audio, inside = sum(c.audio_s for c in calls), sum(c.end - c.start for c in calls)
     timing |= {"first_batch_s": round(first - since, 3), "last_batch_s": round(last - since, 3),
-               "busy_fraction": round(sum(c.end - c.start for c in calls) / active, 4) if active > 0 else 1.0}
+               "busy_fraction": round(inside / active, 4) if active > 0 else 1.0}
     if active > 0 and all(c.device_s is not None for c in calls):
         timing["device_busy_fraction"] = round(sum(c.device_s for c in calls) / active, 4)
-    audio, inside = sum(c.audio_s for c in calls), sum(c.end - c.start for c in calls)
     timing["steady_audio_s_per_s"] = round(audio / (last - first), 2) if last > first else None
     model = audio / inside if inside > 0 else None
     timing["model_audio_s_per_s"] = None if model is None else round(model, 2)
